@@ -1,0 +1,179 @@
+"""The array backend: the one place that decides whether arrays live in NumPy (CPU) or CuPy (GPU).
+
+Every op in minigrad reads `backend.xp` *at call time*, so switching backends with
+`set_backend("cupy")` changes what every later op computes on. Nothing else in the project
+imports cupy.
+
+Also owned here: the default floating dtype (float32 for training; gradient checks use float64)
+and the random generator that dropout and weight initialisation draw from, so that a seed makes
+a run reproducible and a checkpoint can save and restore the generator exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+xp = np  # the array module in use: numpy or cupy
+_name = "numpy"
+default_dtype = np.float32
+
+CUPY_INSTALL_HINT = (
+    'install the GPU extra: pip install -e ".[cuda12]" (CUDA 12) or ".[cuda13]" (CUDA 13), '
+    "on a machine with an NVIDIA GPU"
+)
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot be used here (unknown name, CuPy missing, no GPU)."""
+
+
+def _load_cupy():
+    try:
+        import cupy  # noqa: PLC0415 - imported only when asked for
+    except Exception as exc:  # ImportError, or a CUDA library failing to load
+        raise BackendError(f"backend 'cupy' needs CuPy, which could not be imported ({exc}); "
+                           f"{CUPY_INSTALL_HINT}") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendError(f"backend 'cupy' needs a CUDA GPU, but none could be used ({exc}); "
+                           "use --backend numpy") from None
+    if n == 0:
+        raise BackendError("backend 'cupy' needs a CUDA GPU, but none was found; use --backend numpy")
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Select "numpy" (CPU) or "cupy" (GPU) for every array created from now on."""
+    global xp, _name
+    if name == "numpy":
+        xp, _name = np, "numpy"
+    elif name == "cupy":
+        xp, _name = _load_cupy(), "cupy"
+    else:
+        raise BackendError(f"unknown backend {name!r}; choose 'numpy' or 'cupy'")
+    _rng.reset_for_backend()
+
+
+def get_backend() -> str:
+    """The name of the backend in use: "numpy" or "cupy"."""
+    return _name
+
+
+def set_default_dtype(dtype) -> None:
+    """Set the floating dtype that new tensors and parameters get (np.float32 or np.float64)."""
+    global default_dtype
+    dtype = np.dtype(dtype).type
+    if dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"default dtype must be a float type, got {np.dtype(dtype).name}")
+    default_dtype = dtype
+
+
+def get_default_dtype():
+    return default_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving arrays between the host and the backend
+# ---------------------------------------------------------------------------------------------
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a) -> np.ndarray:
+    """Any array (NumPy or CuPy) as a NumPy array on the host."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """Any array-like as an array of the current backend (copied across devices if needed)."""
+    if _name == "numpy":
+        return np.asarray(to_numpy(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random numbers
+# ---------------------------------------------------------------------------------------------
+
+class RandomGenerator:
+    """One seeded source of randomness for weight init, dropout and sampling.
+
+    Its state is a small JSON-able dict, so training checkpoints can save it and a resumed run
+    draws exactly the same numbers as an uninterrupted one.
+
+    On NumPy this is a PCG64 `Generator`, whose state is plain integers. CuPy's generators cannot
+    export their state, so on CuPy every draw uses a fresh generator seeded with (seed, number of
+    draws so far): the state is then just those two integers.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self._seed = int(seed)
+        self._draws = 0
+        self._np = np.random.Generator(np.random.PCG64(self._seed))
+
+    def reset_for_backend(self) -> None:
+        pass  # the state is backend-independent; draws are made on whichever backend is active
+
+    def _cupy_gen(self):
+        self._draws += 1
+        return xp.random.default_rng(np.random.SeedSequence([self._seed, self._draws]).generate_state(1)[0])
+
+    def random(self, shape, dtype=None):
+        """Uniform samples in [0, 1) on the current backend."""
+        dtype = dtype or default_dtype
+        if _name == "numpy":
+            return self._np.random(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        return self._cupy_gen().random(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        """Normal(0, std) samples on the current backend, as `dtype`."""
+        dtype = dtype or default_dtype
+        if _name == "numpy":
+            out = self._np.standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        else:
+            out = self._cupy_gen().standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        out *= std
+        return out.astype(dtype, copy=False)
+
+    def get_state(self) -> dict:
+        return {"seed": self._seed, "draws": self._draws, "pcg64": self._np.bit_generator.state}
+
+    def set_state(self, state: dict) -> None:
+        self._seed = int(state["seed"])
+        self._draws = int(state["draws"])
+        self._np = np.random.Generator(np.random.PCG64(self._seed))
+        self._np.bit_generator.state = state["pcg64"]
+
+
+_rng = RandomGenerator(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed minigrad's generator: the same seed gives the same weights and dropout masks."""
+    _rng.seed(seed)
+
+
+def rng() -> RandomGenerator:
+    return _rng
+
+
+def get_rng_state() -> dict:
+    return _rng.get_state()
+
+
+def set_rng_state(state: dict) -> None:
+    _rng.set_state(state)
+
+
+# Environment override: MINIGRAD_BACKEND=cupy python chapters/05_train.py
+if os.environ.get("MINIGRAD_BACKEND", "numpy") != "numpy":
+    set_backend(os.environ["MINIGRAD_BACKEND"])

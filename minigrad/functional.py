@@ -1,0 +1,352 @@
+"""Fused ops: one graph node each, with a backward derived by hand.
+
+Composing these from Tensor primitives works too (see `minigrad.composed`, which the tests check
+against), but builds many nodes and keeps every intermediate array alive for backward. A fused op
+computes its forward in one go, saves only what its backward needs (often less than the
+composed graph would), and applies the derivative in closed form.
+
+Shapes use B = batch, T = time (sequence), C = channels, V = vocabulary, H = heads, D = head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor, _lift
+
+
+def _xp():
+    return backend.xp
+
+
+# ---------------------------------------------------------------------------------------------
+# linear: y = x W^T + b
+# ---------------------------------------------------------------------------------------------
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out).
+
+    Backward, with g = dL/dy of shape (..., out) and the leading axes flattened to N rows:
+      dL/dx = g W                  (..., in)
+      dL/dW = g^T x                (out, in)   one GEMM over all N rows
+      dL/db = sum of g over rows   (out,)
+    """
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    y = x.data @ weight.data.T
+    if bias is not None:
+        y += bias.data
+    out = Tensor._make(y, parents)
+    if out.requires_grad:
+        def backward(g):
+            if x.requires_grad:
+                x._accumulate(g @ weight.data)
+            g2 = g.reshape(-1, g.shape[-1])
+            if weight.requires_grad:
+                weight._accumulate(g2.T @ x.data.reshape(-1, x.shape[-1]))
+            if bias is not None and bias.requires_grad:
+                bias._accumulate(g2.sum(axis=0))
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding: a table lookup
+# ---------------------------------------------------------------------------------------------
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Rows of `weight` (V, C) picked by integer `ids` (any shape) -> ids.shape + (C,).
+
+    Backward: each looked-up row receives the gradient of every position that used it, so the
+    same token appearing twice gets the sum (a scatter-add, not an assignment).
+    """
+    ids = _int_ids(ids)
+    out = Tensor._make(weight.data[ids], (weight,))
+    if out.requires_grad:
+        def backward(g):
+            xp = _xp()
+            grad = xp.zeros_like(weight.data)
+            flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, weight.shape[1])
+            if xp is np:
+                # np.add.at is slow for row updates; summing rows that share an id first
+                # (unique + a sorted reduceat) gives the same result in a few vector ops.
+                order = np.argsort(flat_ids, kind="stable")
+                sorted_ids = flat_ids[order]
+                starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+                grad[sorted_ids[starts]] = np.add.reduceat(flat_g[order], starts, axis=0)
+            else:
+                xp.add.at(grad, flat_ids, flat_g)
+            weight._accumulate(grad)
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (GPT-2's tanh approximation)
+# ---------------------------------------------------------------------------------------------
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    Backward (product rule, then chain rule through tanh):
+      dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,
+      du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    Only x is saved; tanh(u) is recomputed in backward (it is cheap, and x is alive anyway).
+    """
+    xd = x.data
+    out = Tensor._make(0.5 * xd * (1.0 + _xp().tanh(_GELU_C * (xd + 0.044715 * xd ** 3))), (x,))
+    if out.requires_grad:
+        def backward(g):
+            t = _xp().tanh(_GELU_C * (xd + 0.044715 * xd ** 3))
+            dudx = _GELU_C * (1.0 + 3 * 0.044715 * xd * xd)
+            x._accumulate(g * (0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * dudx))
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax and log-softmax
+# ---------------------------------------------------------------------------------------------
+
+def _softmax_array(z, axis):
+    e = _xp().exp(z - z.max(axis=axis, keepdims=True))  # subtracting the max prevents overflow
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """y_i = e^{x_i} / sum_j e^{x_j}.
+
+    Backward: dy_i/dx_j = y_i (delta_ij - y_j), so
+      dL/dx_j = sum_i g_i y_i (delta_ij - y_j) = y_j (g_j - sum_i g_i y_i).
+    """
+    y = _softmax_array(x.data, axis)
+    out = Tensor._make(y, (x,))
+    if out.requires_grad:
+        out._backward = lambda g: x._accumulate(y * (g - (g * y).sum(axis=axis, keepdims=True)))
+    return out
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """y_i = x_i - log sum_j e^{x_j}.
+
+    Backward: dy_i/dx_j = delta_ij - softmax_j, so dL/dx_j = g_j - softmax_j * sum_i g_i.
+    """
+    xd = x.data
+    m = xd.max(axis=axis, keepdims=True)
+    lse = m + _xp().log(_xp().exp(xd - m).sum(axis=axis, keepdims=True))
+    y = xd - lse
+    out = Tensor._make(y, (x,))
+    if out.requires_grad:
+        out._backward = lambda g: x._accumulate(g - _xp().exp(y) * g.sum(axis=axis, keepdims=True))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# layer norm
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise over the last axis, then scale and shift: y = xhat * w + b,
+    xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)  (biased variance, as GPT-2).
+
+    Backward (as llm.c's layernorm_backward). With dxhat = g * w and means over the C channels:
+      dL/dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    The two subtracted terms come from mean and rstd depending on every x_j: the first removes
+    the part of dxhat that only shifts all inputs, the second the part that only scales them.
+      dL/dw = sum over rows of g * xhat,   dL/db = sum over rows of g.
+    Saved: mean and rstd per row (x itself is alive anyway); xhat is recomputed.
+    """
+    xp = _xp()
+    xd = x.data
+    mean = xd.mean(axis=-1, keepdims=True)
+    xc = xd - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc
+    xhat *= rstd  # reuse the buffer: xc is not needed again
+    y = xhat * weight.data if weight is not None else xhat
+    if bias is not None:
+        y += bias.data
+    parents = tuple(t for t in (x, weight, bias) if t is not None)
+    out = Tensor._make(y, parents)
+    if out.requires_grad:
+        def backward(g):
+            xh = (x.data - mean) * rstd
+            C = xh.shape[-1]
+            if weight is not None and weight.requires_grad:
+                weight._accumulate((g * xh).reshape(-1, C).sum(axis=0))
+            if bias is not None and bias.requires_grad:
+                bias._accumulate(g.reshape(-1, C).sum(axis=0))
+            if x.requires_grad:
+                dxhat = g * weight.data if weight is not None else g
+                dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+                dx -= xh * (dxhat * xh).mean(axis=-1, keepdims=True)
+                dx *= rstd
+                x._accumulate(dx)
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+def dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) ("inverted" dropout),
+    so the expected value is unchanged and evaluation needs no rescaling: in eval mode, or with
+    p = 0, it is the identity. The mask comes from minigrad's seeded generator.
+
+    Backward: the same mask and scale applied to the gradient. The mask is saved as booleans.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    keep = backend.rng().random(x.shape) >= p
+    scale = 1.0 / (1.0 - p)
+    out = Tensor._make(x.data * keep * x.data.dtype.type(scale), (x,))
+    if out.requires_grad:
+        out._backward = lambda g: x._accumulate(g * keep * g.dtype.type(scale))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean over targets of -log softmax(logits)[target]; logits (..., V), targets (...) ints.
+
+    Targets equal to `ignore_index` contribute nothing and are not counted in the mean.
+    Numerically stable: log sum exp is computed after subtracting each row's max, so logits of
+    1e4 give a finite loss.
+
+    Backward: for one row, d(-log p_t)/dz_j = p_j - [j == t] (softmax minus one-hot), divided by
+    the number of counted targets; ignored rows get zero. The probabilities are saved from the
+    forward pass and turned into the gradient in place (backward runs once per graph).
+    """
+    xp = _xp()
+    V = logits.shape[-1]
+    z = logits.data.reshape(-1, V)
+    t = _int_ids(targets).reshape(-1)
+    if t.shape[0] != z.shape[0]:
+        raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
+    valid = t != ignore_index
+    t_safe = xp.where(valid, t, 0)
+    rows = xp.arange(z.shape[0])
+    m = z.max(axis=1, keepdims=True)
+    probs = xp.exp(z - m)
+    sums = probs.sum(axis=1, keepdims=True)
+    lse = (m + xp.log(sums))[:, 0]
+    n_valid = valid.sum()
+    losses = (lse - z[rows, t_safe]) * valid
+    loss = losses.sum() / n_valid
+    out = Tensor._make(loss.astype(z.dtype), (logits,))
+    if out.requires_grad:
+        probs /= sums
+
+        def backward(g):
+            grad = probs
+            grad[rows, t_safe] -= 1.0
+            grad *= (valid * (g / n_valid))[:, None].astype(grad.dtype)
+            logits._accumulate(grad.reshape(logits.shape))
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def causal_mask(Tq: int, Tk: int):
+    """Boolean (Tq, Tk) mask, True where query i may NOT look at key j.
+
+    Query i sits at absolute position (Tk - Tq) + i (with a KV cache, the queries are the last
+    Tq of Tk positions), and may attend to keys at positions <= its own.
+    """
+    xp = _xp()
+    return xp.arange(Tk)[None, :] > (xp.arange(Tq)[:, None] + (Tk - Tq))
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                                 dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, for q (B, H, Tq, D) and k, v (B, H, Tk, D).
+
+    Forward:  S = q k^T * s (s = 1/sqrt(D)),  P = softmax(S) (masked entries -> 0),
+              Pd = dropout(P),  O = Pd v.
+    Backward, with G = dL/dO:
+      dv = Pd^T G                                   (B, H, Tk, D)
+      dPd = G v^T,  dP = dPd * keep / (1 - p)       (dropout's backward)
+      dS = P * (dP - rowsum(dP * P))                (softmax's backward, as in `softmax`)
+      dq = dS k * s,  dk = dS^T q * s
+    Masked positions have P = 0, so they get dS = 0 with no special case.
+    Saved: P (and the dropout mask); q, k, v are alive anyway.
+    """
+    xp = _xp()
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D)
+    S = q.data @ xp.swapaxes(k.data, -1, -2)
+    S *= q.dtype.type(scale)
+    if causal:
+        S = xp.where(causal_mask(q.shape[-2], k.shape[-2]), -xp.inf, S)
+    P = _softmax_array(S, -1)
+    if dropout_p > 0.0:
+        if not 0.0 < dropout_p < 1.0:
+            raise ValueError(f"attention dropout must be in [0, 1), got {dropout_p}")
+        keep = backend.rng().random(P.shape) >= dropout_p
+        drop_scale = P.dtype.type(1.0 / (1.0 - dropout_p))
+        Pd = P * keep * drop_scale
+    else:
+        keep, Pd = None, P
+    out = Tensor._make(Pd @ v.data, (q, k, v))
+    if out.requires_grad:
+        def backward(G):
+            if v.requires_grad:
+                v._accumulate(xp.swapaxes(Pd, -1, -2) @ G)
+            dP = G @ xp.swapaxes(v.data, -1, -2)
+            if keep is not None:
+                dP *= keep * drop_scale
+            dS = dP
+            dS -= (dP * P).sum(axis=-1, keepdims=True)
+            dS *= P
+            dS *= dS.dtype.type(scale)
+            if q.requires_grad:
+                q._accumulate(dS @ k.data)
+            if k.requires_grad:
+                k._accumulate(xp.swapaxes(dS, -1, -2) @ q.data)
+        out._backward = backward
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# simple wrappers, so a model can be written with F.* only
+# ---------------------------------------------------------------------------------------------
+
+def relu(x: Tensor) -> Tensor:
+    return x.relu()
+
+
+def tanh(x: Tensor) -> Tensor:
+    return x.tanh()
+
+
+def mse_loss(pred: Tensor, target) -> Tensor:
+    d = pred - _lift(target, pred)
+    return (d * d).mean()
+
+
+def _int_ids(ids):
+    """Integer indices as a backend array (accepts Tensors, NumPy/CuPy arrays and lists)."""
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    arr = backend.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"expected integer token ids, got dtype {arr.dtype}")
+    return arr
