@@ -129,18 +129,16 @@ class RandomGenerator:
 
     def random(self, shape, dtype=None):
         """Uniform samples in [0, 1) on the current backend."""
-        dtype = dtype or default_dtype
-        if _name == "numpy":
-            return self._np.random(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
-        return self._cupy_gen().random(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        draw_dtype = np.float64 if (dtype or default_dtype) == np.float64 else np.float32
+        gen = self._np if _name == "numpy" else self._cupy_gen()
+        return gen.random(shape, dtype=draw_dtype)
 
     def normal(self, shape, std=1.0, dtype=None):
         """Normal(0, std) samples on the current backend, as `dtype`."""
         dtype = dtype or default_dtype
-        if _name == "numpy":
-            out = self._np.standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
-        else:
-            out = self._cupy_gen().standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        draw_dtype = np.float64 if dtype == np.float64 else np.float32
+        gen = self._np if _name == "numpy" else self._cupy_gen()
+        out = gen.standard_normal(shape, dtype=draw_dtype)
         out *= std
         return out.astype(dtype, copy=False)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-
 from . import backend
 from . import functional as F
 from .tensor import Tensor
@@ -94,11 +93,10 @@ class Module:
         missing = [n for n in params if n not in state]
         unexpected = [n for n in state if n not in params]
         if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-            if unexpected:
-                parts.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+            def few(names):
+                return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            parts = ([f"missing {few(missing)}"] if missing else []) + \
+                ([f"unexpected {few(unexpected)}"] if unexpected else [])
             raise KeyError("state dict does not match the model: " + "; ".join(parts))
         for name, p in params.items():
             if name in state and tuple(state[name].shape) != p.shape:

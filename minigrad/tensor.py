@@ -374,7 +374,8 @@ class Tensor:
     def max(self, axis=None, keepdims=False):
         xp = backend.xp
         m = self.data.max(axis=axis, keepdims=True)
-        out = Tensor._make(m if keepdims else (m.reshape(()) if axis is None else xp.squeeze(m, axis)), (self,))
+        reduced = m if keepdims else (m.reshape(()) if axis is None else xp.squeeze(m, axis))
+        out = Tensor._make(reduced, (self,))
         if out.requires_grad:
             def backward(g):
                 # The gradient goes to the maximal element; ties share it equally (as in PyTorch's
