@@ -1,0 +1,118 @@
+"""Model configuration: `GPTConfig` and the four GPT-2 sizes OpenAI released.
+
+    cfg = gpt2_124m(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
+
+The course run (chapter 05) uses exactly that: the 124M shape, as *LLMs from Scratch* trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .errors import GPT2Error
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257      # GPT-2's BPE vocabulary (50,000 merges + 256 bytes + <|endoftext|>)
+    context_length: int = 1024   # the longest sequence the position embedding covers
+    emb_dim: int = 768           # C: the width of the residual stream
+    n_heads: int = 12            # H: attention heads; each has head size D = C / H
+    n_layers: int = 12           # transformer blocks
+    dropout: float = 0.0         # on embeddings, attention weights and each residual branch
+    qkv_bias: bool = True        # biases on the query/key/value projection (GPT-2 has them)
+    tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GPT2Error(f"{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise GPT2Error(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GPT2Error(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **overrides) -> GPTConfig:
+        """A copy with some fields changed (unknown names are an error)."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise GPT2Error(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **overrides)
+
+    def num_parameters(self) -> int:
+        """Exact parameter count, computed from the shapes (nothing is allocated)."""
+        V, T, C, L = self.vocab_size, self.context_length, self.emb_dim, self.n_layers
+        per_block = (
+            2 * C                                            # ln1 weight + bias
+            + 3 * C * C + (3 * C if self.qkv_bias else 0)    # qkv projection
+            + C * C + C                                      # attention output projection
+            + 2 * C                                          # ln2
+            + 4 * C * C + 4 * C                              # mlp fc (C -> 4C)
+            + 4 * C * C + C                                  # mlp proj (4C -> C)
+        )
+        head = 0 if self.tie_embeddings else V * C
+        return V * C + T * C + L * per_block + 2 * C + head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        if not isinstance(d, dict):
+            raise GPT2Error("model config must be a JSON object")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise GPT2Error(f"model config has unknown field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def gpt2_124m(**overrides) -> GPTConfig:
+    """GPT-2 small: 12 layers, 12 heads, 768 wide; 124,439,808 parameters."""
+    return GPTConfig(n_layers=12, n_heads=12, emb_dim=768).replace(**overrides)
+
+
+def gpt2_medium(**overrides) -> GPTConfig:
+    """GPT-2 medium: 24 layers, 16 heads, 1024 wide; 354,823,168 parameters."""
+    return GPTConfig(n_layers=24, n_heads=16, emb_dim=1024).replace(**overrides)
+
+
+def gpt2_large(**overrides) -> GPTConfig:
+    """GPT-2 large: 36 layers, 20 heads, 1280 wide; 774,030,080 parameters."""
+    return GPTConfig(n_layers=36, n_heads=20, emb_dim=1280).replace(**overrides)
+
+
+def gpt2_xlarge(**overrides) -> GPTConfig:
+    """GPT-2 XL: 48 layers, 25 heads, 1600 wide; 1,557,611,200 parameters."""
+    return GPTConfig(n_layers=48, n_heads=25, emb_dim=1600).replace(**overrides)
+
+
+# CLI names (`--model`) -> config functions. The names match Hugging Face's, with 124m for "gpt2".
+MODEL_SIZES = {
+    "gpt2-124m": gpt2_124m,
+    "gpt2-medium": gpt2_medium,
+    "gpt2-large": gpt2_large,
+    "gpt2-xl": gpt2_xlarge,
+}
+
+
+def config_for(name: str, **overrides) -> GPTConfig:
+    if name not in MODEL_SIZES:
+        raise GPT2Error(f"unknown model size {name!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return MODEL_SIZES[name](**overrides)
+
+
+def course_config(**overrides) -> GPTConfig:
+    """The course run's model (chapter 05): 124M shape, context 256, dropout 0.1, no qkv bias,
+    untied output head -- as *LLMs from Scratch* trains it."""
+    base = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
+    return gpt2_124m(**{**base, **overrides})
