@@ -1,0 +1,127 @@
+"""Backend selection, default dtype and the seeded random generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minigrad as mg
+from minigrad import F, Tensor, nn
+from minigrad import backend as B
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(mg.BackendError) as info:
+        mg.set_backend("bogus")
+    message = str(info.value)
+    assert "'bogus'" in message and "'numpy'" in message and "'cupy'" in message
+    assert mg.get_backend() == "numpy"  # a failed switch leaves the backend as it was
+    assert B.xp is np
+
+
+def test_cupy_missing_explains_how_to_install_it():
+    try:
+        mg.set_backend("cupy")
+    except mg.BackendError as exc:
+        message = str(exc)
+    else:
+        mg.set_backend("numpy")
+        pytest.skip("CuPy with a GPU is available here")
+    assert mg.get_backend() == "numpy"
+    if importlib.util.find_spec("cupy") is None:
+        assert 'pip install -e ".[cuda12]"' in message
+        assert "cuda13" in message
+    else:  # CuPy installed but no usable GPU
+        assert "GPU" in message and "numpy" in message
+
+
+def test_get_backend(backend):
+    assert mg.get_backend() == backend
+    x = Tensor([1.0, 2.0])
+    assert B.is_cupy_array(x.data) == (backend == "cupy")
+    assert isinstance(x.numpy(), np.ndarray)
+    np.testing.assert_array_equal(mg.to_numpy(x.data), [1.0, 2.0])
+
+
+def test_numpy_is_the_default_backend():
+    assert mg.get_backend() == "numpy"
+    assert mg.get_default_dtype() == np.float32
+
+
+def test_backend_switch_moves_arrays(backend):
+    host = np.arange(6.0).reshape(2, 3)
+    arr = B.asarray(host, dtype=np.float32)
+    assert arr.dtype == np.float32 and B.is_cupy_array(arr) == (backend == "cupy")
+    np.testing.assert_array_equal(mg.to_numpy(arr), host)
+    lin = nn.Linear(3, 2)
+    mg.set_backend("numpy")
+    lin.to()  # parameters come back to the host with the backend
+    assert isinstance(lin.weight.data, np.ndarray)
+
+
+def test_default_dtype_applies_to_new_parameters():
+    mg.set_default_dtype(np.float64)
+    assert mg.get_default_dtype() == np.float64
+    assert nn.Linear(2, 2).weight.dtype == np.float64
+    assert nn.LayerNorm(2).weight.dtype == np.float64
+    assert nn.Embedding(3, 2).weight.dtype == np.float64
+    mg.set_default_dtype("float32")
+    assert nn.Linear(2, 2).weight.dtype == np.float32
+
+
+def test_manual_seed_reproducibility(backend):
+    mg.manual_seed(123)
+    a = mg.to_numpy(B.rng().normal((4, 5)))
+    d1 = F.dropout(Tensor(np.ones((8, 8))), 0.5).numpy()
+    mg.manual_seed(123)
+    b = mg.to_numpy(B.rng().normal((4, 5)))
+    d2 = F.dropout(Tensor(np.ones((8, 8))), 0.5).numpy()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(d1, d2)
+    mg.manual_seed(124)
+    c = mg.to_numpy(B.rng().normal((4, 5)))
+    assert not np.allclose(a, c)
+    assert abs(a.std() - 1.0) < 0.6 and a.dtype == np.float32
+    u = mg.to_numpy(B.rng().random((1000,)))
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.05
+    assert mg.to_numpy(B.rng().normal((3,), std=0.02, dtype=np.float64)).dtype == np.float64
+
+
+def test_rng_state_round_trip(backend):
+    mg.manual_seed(5)
+    B.rng().normal((10,))  # advance a little first
+    state = mg.get_rng_state()
+    first = [mg.to_numpy(B.rng().normal((3, 3))), mg.to_numpy(B.rng().random((7,)))]
+    mg.manual_seed(999)  # scramble
+    B.rng().normal((100,))
+    mg.set_rng_state(state)
+    second = [mg.to_numpy(B.rng().normal((3, 3))), mg.to_numpy(B.rng().random((7,)))]
+    for x, y in zip(first, second):
+        np.testing.assert_array_equal(x, y)
+    # the state is plain data (ints and dicts), so a checkpoint can store it as JSON
+    assert mg.get_rng_state() == json.loads(json.dumps(mg.get_rng_state()))
+
+
+def _run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_env_var_selects_backend():
+    ok = _run_python("import minigrad; print(minigrad.get_backend())", MINIGRAD_BACKEND="numpy")
+    assert ok.returncode == 0 and ok.stdout.strip() == "numpy"
+
+
+def test_bogus_env_var_fails_clearly():
+    bad = _run_python("import minigrad", MINIGRAD_BACKEND="bogus")
+    assert bad.returncode != 0
+    assert "BackendError" in bad.stderr
+    assert "unknown backend 'bogus'" in bad.stderr and "'numpy'" in bad.stderr

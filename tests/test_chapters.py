@@ -1,0 +1,26 @@
+"""Every chapter script runs top to bottom without error (each one asserts its own results)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Chapters that run quickly enough for the default test run; append new ones here.
+CHAPTERS = ["01_autograd.py"]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_runs(chapter):
+    path = REPO / "chapters" / chapter
+    assert path.exists(), f"missing chapter {path}"
+    result = subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert result.returncode == 0, (f"{chapter} exited with {result.returncode}\n"
+                                    f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
+                                    f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
