@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         # (B, T, 3C) -> (B, T, 3, H, D) -> (3, B, H, T, D): one reshape and one permute give all
         # three, each with heads as a batch axis, so attention is batched matmuls over (B, H).
         qkv = qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                       # each (B, H, T, D)
+        q, k, v = qkv.unbind(0)                                # each (B, H, T, D)
         if cache is not None:
             # Generation only (no_grad): attend over everything cached so far plus these T tokens.
             k_all, v_all = cache.append(layer, k.data, v.data)

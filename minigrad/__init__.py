@@ -19,7 +19,7 @@ from .backend import (
     to_numpy,
 )
 from .gradcheck import GradcheckError, gradcheck
-from .tensor import Tensor, concat, is_grad_enabled, no_grad, split, stack, tensor, unbroadcast, where
+from .tensor import Tensor, concat, is_grad_enabled, no_grad, split, stack, tensor, unbind, unbroadcast, where
 
 F = functional
 
@@ -27,5 +27,5 @@ __all__ = [
     "BackendError", "F", "GradcheckError", "Tensor", "backend", "composed", "concat", "functional",
     "get_backend", "get_default_dtype", "get_rng_state", "gradcheck", "is_grad_enabled", "manual_seed",
     "nn", "no_grad", "optim", "set_backend", "set_default_dtype", "set_rng_state", "split", "stack",
-    "tensor", "to_numpy", "unbroadcast", "where",
+    "tensor", "to_numpy", "unbind", "unbroadcast", "where",
 ]

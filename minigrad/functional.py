@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from .tensor import Tensor, _lift
 
 
@@ -97,15 +97,12 @@ def gelu(x: Tensor) -> Tensor:
       dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,
       du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     Only x is saved; tanh(u) is recomputed in backward (it is cheap, and x is alive anyway).
+    The arithmetic lives in `kernels` (in-place NumPy, or one fused CuPy kernel).
     """
     xd = x.data
-    out = Tensor._make(0.5 * xd * (1.0 + _xp().tanh(_GELU_C * (xd + 0.044715 * xd ** 3))), (x,))
+    out = Tensor._make(kernels.gelu_forward(xd), (x,))
     if out.requires_grad:
-        def backward(g):
-            t = _xp().tanh(_GELU_C * (xd + 0.044715 * xd ** 3))
-            dudx = _GELU_C * (1.0 + 3 * 0.044715 * xd * xd)
-            x._accumulate(g * (0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * dudx))
-        out._backward = backward
+        out._backward = lambda g: x._accumulate(kernels.gelu_backward(xd, g))
     return out
 
 
@@ -113,7 +110,9 @@ def gelu(x: Tensor) -> Tensor:
 # softmax and log-softmax
 # ---------------------------------------------------------------------------------------------
 
-def _softmax_array(z, axis):
+def _softmax_array(z, axis, out=None):
+    if axis == -1 or axis == z.ndim - 1:  # the common case, in `kernels` (in place / fused)
+        return kernels.softmax_lastaxis(z, out=out)
     e = _xp().exp(z - z.max(axis=axis, keepdims=True))  # subtracting the max prevents overflow
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -138,9 +137,10 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     Backward: dy_i/dx_j = delta_ij - softmax_j, so dL/dx_j = g_j - softmax_j * sum_i g_i.
     """
     xd = x.data
-    m = xd.max(axis=axis, keepdims=True)
-    lse = m + _xp().log(_xp().exp(xd - m).sum(axis=axis, keepdims=True))
-    y = xd - lse
+    shifted = xd - xd.max(axis=axis, keepdims=True)
+    # (x - m) - log sum e^(x - m), not x - (m + log ...): m + log(...) would round away the
+    # small log term when |x| is large in float32 (1e4 + 1.1 has a spacing of ~1e-3)
+    y = shifted - _xp().log(_xp().exp(shifted).sum(axis=axis, keepdims=True))
     out = Tensor._make(y, (x,))
     if out.requires_grad:
         out._backward = lambda g: x._accumulate(g - _xp().exp(y) * g.sum(axis=axis, keepdims=True))
@@ -162,33 +162,20 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     the part of dxhat that only shifts all inputs, the second the part that only scales them.
       dL/dw = sum over rows of g * xhat,   dL/db = sum over rows of g.
     Saved: mean and rstd per row (x itself is alive anyway); xhat is recomputed.
+    The arithmetic lives in `kernels` (in-place NumPy, or fused CuPy kernels).
     """
-    xp = _xp()
-    xd = x.data
-    mean = xd.mean(axis=-1, keepdims=True)
-    xc = xd - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = xc
-    xhat *= rstd  # reuse the buffer: xc is not needed again
-    y = xhat * weight.data if weight is not None else xhat
-    if bias is not None:
-        y += bias.data
+    w = weight.data if weight is not None else None
+    y, mean, rstd = kernels.layer_norm_forward(x.data, w, bias.data if bias is not None else None, eps)
     parents = tuple(t for t in (x, weight, bias) if t is not None)
     out = Tensor._make(y, parents)
     if out.requires_grad:
         def backward(g):
-            xh = (x.data - mean) * rstd
-            C = xh.shape[-1]
+            dx, dw, db = kernels.layer_norm_backward(x.data, mean, rstd, w, g, need_dx=x.requires_grad)
             if weight is not None and weight.requires_grad:
-                weight._accumulate((g * xh).reshape(-1, C).sum(axis=0))
+                weight._accumulate(dw)
             if bias is not None and bias.requires_grad:
-                bias._accumulate(g.reshape(-1, C).sum(axis=0))
-            if x.requires_grad:
-                dxhat = g * weight.data if weight is not None else g
-                dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-                dx -= xh * (dxhat * xh).mean(axis=-1, keepdims=True)
-                dx *= rstd
+                bias._accumulate(db)
+            if dx is not None:
                 x._accumulate(dx)
         out._backward = backward
     return out
@@ -240,22 +227,16 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
         raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
     valid = t != ignore_index
     t_safe = xp.where(valid, t, 0)
-    rows = xp.arange(z.shape[0])
-    m = z.max(axis=1, keepdims=True)
-    probs = xp.exp(z - m)
-    sums = probs.sum(axis=1, keepdims=True)
-    lse = (m + xp.log(sums))[:, 0]
     n_valid = valid.sum()
-    losses = (lse - z[rows, t_safe]) * valid
+    # log sum e^z - z_t, computed relative to the row max (as in log_softmax, for accuracy); the
+    # (N, V) probabilities come back in one buffer, which backward turns into the gradient
+    losses, probs = kernels.softmax_cross_entropy(z, t_safe, valid)
     loss = losses.sum() / n_valid
     out = Tensor._make(loss.astype(z.dtype), (logits,))
     if out.requires_grad:
-        probs /= sums
-
         def backward(g):
-            grad = probs
-            grad[rows, t_safe] -= 1.0
-            grad *= (valid * (g / n_valid))[:, None].astype(grad.dtype)
+            row_scale = (valid * (g / n_valid)).astype(probs.dtype)  # 0 for ignored rows
+            grad = kernels.cross_entropy_grad_(probs, t_safe, row_scale)
             logits._accumulate(grad.reshape(logits.shape))
         out._backward = backward
     return out
@@ -295,8 +276,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     S = q.data @ xp.swapaxes(k.data, -1, -2)
     S *= q.dtype.type(scale)
     if causal:
-        S = xp.where(causal_mask(q.shape[-2], k.shape[-2]), -xp.inf, S)
-    P = _softmax_array(S, -1)
+        S[..., causal_mask(q.shape[-2], k.shape[-2])] = -xp.inf  # in place: no second (B, H, T, T)
+    P = _softmax_array(S, -1, out=S)  # the scores are not needed again: P takes their buffer
     if dropout_p > 0.0:
         if not 0.0 < dropout_p < 1.0:
             raise ValueError(f"attention dropout must be in [0, 1), got {dropout_p}")

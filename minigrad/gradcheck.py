@@ -44,6 +44,10 @@ def gradcheck(fn, *inputs: Tensor, eps: float = 1e-6, atol: float = 1e-6, rtol: 
 
     for t in checked:
         t.grad = None
+        # A private, contiguous, writable copy: perturbing it through a flat view below must reach
+        # this input and only this one (not a transposed array's copy, or another input sharing
+        # the same NumPy buffer, as Tensor(a) and Tensor(a) do).
+        t.data = t.data.copy()
     fn(*inputs).backward(R)
     analytic = [backend.to_numpy(t.grad) if t.grad is not None else np.zeros(t.shape) for t in checked]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import backend
+from . import backend, kernels
 
 
 class Optimizer:
@@ -114,18 +114,9 @@ class AdamW(Optimizer):
             if not st:
                 st["m"] = xp.zeros_like(p.data)
                 st["v"] = xp.zeros_like(p.data)
-            m, v, grad, w = st["m"], st["v"], p.grad, p.data
-            if wd != 0:
-                w *= 1 - lr * wd
-            m *= b1
-            m += (1 - b1) * grad
-            v *= b2
-            v += (1 - b2) * (grad * grad)
-            step_size = lr / (1 - b1 ** t)
-            denom = xp.sqrt(v)
-            denom /= math.sqrt(1 - b2 ** t)
-            denom += eps
-            w -= step_size * (m / denom)
+            # The formula above, in place on p.data, m and v: in cache-sized chunks with NumPy,
+            # one fused kernel with CuPy (see `kernels.adamw_update_`).
+            kernels.adamw_update_(p.data, p.grad, st["m"], st["v"], lr, b1, b2, eps, wd, t)
 
 
 class SGD(Optimizer):

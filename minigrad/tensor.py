@@ -156,8 +156,9 @@ class Tensor:
         """Fill .grad of every leaf tensor that requires grad with dSelf/dLeaf.
 
         `grad` is dLoss/dself; for a scalar it defaults to 1. The graph is freed as it is walked
-        (closures and their saved arrays are released), and intermediate gradients are dropped
-        once used, so one backward pass needs memory for one step of activations, not two.
+        (closures and their saved arrays are released; a later backward() that reaches a freed
+        node raises), and intermediate gradients are dropped once used, so one backward pass
+        needs memory for one step of activations, not two.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -187,7 +188,7 @@ class Tensor:
             if node._backward is not None and node.grad is not None:
                 node._backward(node.grad)
             if node._parents:  # an intermediate result: free its recipe and, usually, its grad
-                node._backward, node._parents = None, ()
+                node._backward, node._parents = _freed_backward, ()
                 if not node._retain_grad and node is not self:
                     node.grad = None
 
@@ -338,10 +339,10 @@ class Tensor:
                 a2 = a[None, :] if a.ndim == 1 else a
                 b2 = b[:, None] if b.ndim == 1 else b
                 g2 = g
+                if b.ndim == 1:  # (b first: for 1-D @ 1-D, g is 0-d and becomes (1,) then (1, 1))
+                    g2 = xp.expand_dims(g2, -1)
                 if a.ndim == 1:
                     g2 = xp.expand_dims(g2, -2)
-                if b.ndim == 1:
-                    g2 = xp.expand_dims(g2, -1)
                 if self.requires_grad:
                     ga = g2 @ xp.swapaxes(b2, -1, -2)
                     ga = unbroadcast(ga, a2.shape)
@@ -452,6 +453,9 @@ class Tensor:
     def split(self, sizes_or_sections, axis=-1):
         return split(self, sizes_or_sections, axis)
 
+    def unbind(self, axis=0):
+        return unbind(self, axis)
+
     # -- convenience ---------------------------------------------------------------------------
     def astype(self, dtype) -> Tensor:
         out = Tensor._make(self.data.astype(dtype), (self,))
@@ -498,11 +502,49 @@ def split(t, sizes_or_sections, axis=-1):
         if sum(sizes) != n:
             raise ValueError(f"split sizes {sizes} do not add up to the axis size {n}")
     starts = np.cumsum([0] + sizes)
+    axis = axis % t.ndim
+    return _pieces(t, [(slice(None),) * axis + (slice(int(lo), int(hi)),)
+                       for lo, hi in zip(starts[:-1], starts[1:])])
+
+
+def unbind(t, axis=0):
+    """The slices of `t` along `axis`, each without that axis: (3, B, T) -> three (B, T).
+
+    Used to take q, k and v apart after one fused projection. As with `split`, the pieces'
+    backward fills one gradient buffer for `t`, instead of one full-size zero array per piece.
+    """
+    axis = axis % t.ndim
+    return _pieces(t, [(slice(None),) * axis + (i,) for i in range(t.shape[axis])])
+
+
+def _pieces(t, indexes):
+    """`t[index]` for non-overlapping basic indexes, sharing one gradient buffer for `t`.
+
+    Every piece's backward runs before `t`'s own (t is their parent), so the first piece to get a
+    gradient hands `t` a zero buffer holding its part, and later pieces write their parts into
+    that same buffer in place. (If something else replaced t.grad in between, e.g. t is also used
+    elsewhere, the buffer is no longer t's alone: that piece starts a new one. Still correct.)
+    """
+    shared = {"buf": None}
+
+    def backward_for(index):
+        def backward(g):
+            buf = shared["buf"]
+            if buf is not None and t.grad is buf:
+                buf[index] += g
+                return
+            buf = backend.xp.zeros_like(t.data)
+            buf[index] = g
+            t._accumulate(buf)
+            shared["buf"] = buf
+        return backward
+
     pieces = []
-    for lo, hi in zip(starts[:-1], starts[1:]):
-        index = [slice(None)] * t.ndim
-        index[axis] = slice(int(lo), int(hi))
-        pieces.append(t[tuple(index)])
+    for index in indexes:
+        out = Tensor._make(t.data[index], (t,))
+        if out.requires_grad:
+            out._backward = backward_for(index)
+        pieces.append(out)
     return pieces
 
 
@@ -523,6 +565,17 @@ def where(condition, a, b):
                 b._accumulate(unbroadcast(backend.xp.where(cond, zero, g), b.shape))
         out._backward = backward
     return out
+
+
+def _freed_backward(g):
+    """Stands in for the backward closure of a node whose graph a backward() pass already freed.
+
+    Without it, a second backward() reaching that node would treat it as a leaf and silently
+    drop every gradient behind it.
+    """
+    raise RuntimeError("backward() reached a tensor whose graph was freed by an earlier backward(); "
+                       "to backpropagate several losses through shared tensors, add them and call "
+                       "backward() once")
 
 
 def tensor(data, requires_grad=False, dtype=None) -> Tensor:

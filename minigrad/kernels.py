@@ -1,0 +1,355 @@
+"""Hot loops of training, each twice: a readable NumPy version and a fused CuPy kernel for the GPU.
+
+The fused ops in `functional` and the AdamW update in `optim` spend their time in a handful of
+elementwise formulas (GELU and its derivative, layer norm's normalise-scale-shift, softmax's
+exponentials, cross-entropy's gradient, AdamW's moment updates). Written as whole-array NumPy
+expressions, each `a * b + c` allocates a temporary the size of the array and walks memory once
+per operator. So:
+
+* On the CPU (NumPy) each formula is written as a short sequence of *in-place* operations
+  (`out=`, `*=`): no temporaries beyond one or two scratch buffers, and no fresh memory for the
+  operating system to page in. AdamW additionally walks its arrays in cache-sized chunks (below).
+  These NumPy versions are the reference ("twin") that the tests compare the GPU kernels against.
+* On the GPU (CuPy) each formula is one `ElementwiseKernel`: a single pass over memory instead of
+  one launch and one round trip through GPU memory per operator. Kernels are compiled lazily, the
+  first time they are used, so importing minigrad never needs CuPy.
+
+Every function takes and returns arrays of the current backend, and keeps the input dtype
+(float32 for training, float64 for gradient checks). Python-float constants keep float32 arrays
+float32 (NumPy's scalar rules); a 0-d float64 *array* would not, so none is used here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+
+GELU_C = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation: u = C (x + A x^3)
+GELU_A = 0.044715
+
+
+def _on_gpu() -> bool:
+    return backend.get_backend() == "cupy"
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------------------------
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(u)),  u = C x (1 + A x^2)  (= C (x + A x^3), one multiply fewer).
+
+    NumPy: one output buffer, updated in place. (`x ** 3` would be ~100x slower than `x * x * x`
+    in float32: NumPy's power ufunc has no fast path for the exponent 3.)
+    """
+    if _on_gpu():
+        return _cupy_kernels().gelu_forward(x)
+    y = x * x
+    y *= GELU_A
+    y += 1.0
+    y *= x
+    y *= GELU_C          # u
+    np.tanh(y, out=y)    # tanh(u)
+    y += 1.0
+    y *= x
+    y *= 0.5
+    return y
+
+
+def gelu_backward(x, g):
+    """dL/dx = g * [0.5 (1 + t) + 0.5 x (1 - t^2) du/dx],  t = tanh(u),  du/dx = C (1 + 3A x^2).
+
+    tanh(u) is recomputed from x rather than saved in the forward pass (cheap, and it saves
+    memory the size of the MLP's hidden activations per layer).
+    """
+    if _on_gpu():
+        return _cupy_kernels().gelu_backward(x, g)
+    x2 = x * x
+    t = x2 * GELU_A
+    t += 1.0
+    t *= x
+    t *= GELU_C
+    np.tanh(t, out=t)                  # t = tanh(u)
+    dudx = x2                          # reuse: du/dx = C (1 + 3A x^2)
+    dudx *= 3.0 * GELU_A
+    dudx += 1.0
+    dudx *= GELU_C
+    dudx *= x                          # x du/dx
+    sech2 = t * t                      # (x2's buffer now holds dudx, so one more buffer)
+    np.subtract(1.0, sech2, out=sech2)  # 1 - t^2 = sech^2 u
+    dudx *= sech2                      # x (1 - t^2) du/dx
+    t += 1.0
+    dudx += t                          # (1 + t) + x (1 - t^2) du/dx
+    dudx *= 0.5
+    dudx *= g
+    return dudx
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax over the last axis (attention) and cross-entropy (the loss over the vocabulary)
+# ---------------------------------------------------------------------------------------------
+
+def softmax_lastaxis(z, out=None):
+    """softmax over the last axis: e^(z - max) / sum e^(z - max). With `out=z` it overwrites z.
+
+    NumPy: the exponentials are computed in the output buffer, then divided in place.
+    """
+    if _on_gpu():
+        return _cupy_kernels().softmax(z)
+    m = z.max(axis=-1, keepdims=True)
+    e = np.subtract(z, m, out=out)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def softmax_cross_entropy(z, t_safe, valid):
+    """Rows z (N, V), targets (N,) -> (per-row losses (N,), probabilities (N, V)).
+
+    loss_r = log sum_j e^(z_rj - m_r) - (z_rt - m_r)   (m_r the row max: no overflow, and the
+    small log term is not rounded away next to a large max). The probabilities are returned for
+    the backward pass, which turns them into the gradient in place (`cross_entropy_grad_`).
+    """
+    xp = backend.xp
+    if _on_gpu():
+        probs, m, sums = _cupy_kernels().exp_shifted_rows(z)
+    else:
+        m = z.max(axis=1, keepdims=True)
+        probs = np.subtract(z, m)          # one (N, V) buffer: shifted logits, then e^..., then p
+        np.exp(probs, out=probs)
+        sums = probs.sum(axis=1, keepdims=True)
+    rows = xp.arange(z.shape[0])
+    losses = (xp.log(sums)[:, 0] - (z[rows, t_safe] - m[:, 0])) * valid
+    probs /= sums
+    return losses, probs
+
+
+def cross_entropy_grad_(probs, t_safe, row_scale):
+    """In place: probs (N, V) becomes (probs - onehot(t)) * row_scale[:, None], the gradient of
+    the mean cross-entropy (row_scale = upstream gradient / count, 0 for ignored rows)."""
+    xp = backend.xp
+    if _on_gpu():
+        _cupy_kernels().xent_grad(probs, t_safe, row_scale)
+        return probs
+    probs[xp.arange(probs.shape[0]), t_safe] -= 1.0
+    probs *= row_scale[:, None]
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------
+# layer norm over the last axis
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm_forward(x, weight, bias, eps):
+    """-> (y, mean, rstd): y = (x - mean) * rstd * w + b, with mean and rstd of shape (..., 1)."""
+    xp = backend.xp
+    mean = x.mean(axis=-1, keepdims=True)
+    if _on_gpu():
+        var = _cupy_kernels().sq_dev_mean(x, mean)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        y = _cupy_kernels().layer_norm_apply(x, mean, rstd, weight, bias)
+        return y, mean, rstd
+    y = np.subtract(x, mean)                  # x - mean, in the output buffer
+    var = np.einsum("...c,...c->...", y, y)[..., None]  # sum of squares without a temporary
+    var /= x.shape[-1]
+    var += eps
+    rstd = np.sqrt(var, out=var)
+    np.divide(1.0, rstd, out=rstd)
+    y *= rstd                                 # xhat
+    if weight is not None:
+        y *= weight
+    if bias is not None:
+        y += bias
+    return y, mean, rstd
+
+
+def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
+    """-> (dx, dw, db) for y = xhat * w + b (dw/db summed over all rows; None where not asked).
+
+      dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * w.
+    """
+    C = x.shape[-1]
+    if _on_gpu():
+        return _cupy_kernels().layer_norm_backward(x, mean, rstd, weight, g, need_dx)
+    xhat = np.subtract(x, mean)
+    xhat *= rstd
+    g2 = g.reshape(-1, C)
+    dw = np.einsum("nc,nc->c", g2, xhat.reshape(-1, C)) if weight is not None else None
+    db = g2.sum(axis=0)
+    if not need_dx:
+        return None, dw, db
+    dxhat = g * weight if weight is not None else g.copy()
+    a = dxhat.mean(axis=-1, keepdims=True)
+    b = np.einsum("...c,...c->...", dxhat, xhat)[..., None]
+    b /= C
+    xhat *= b
+    dxhat -= a
+    dxhat -= xhat
+    dxhat *= rstd
+    return dxhat, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW's update
+# ---------------------------------------------------------------------------------------------
+
+ADAMW_CHUNK = 1 << 16  # elements per chunk: 4 arrays x 256 KiB stay in a core's L2 cache
+
+
+def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=None):
+    """One AdamW step for one parameter, in place on w, m, v (g is read only):
+
+        w <- w (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    NumPy: the same operations in the same order (so results are bit-identical to the
+    whole-array version), but over chunks of ADAMW_CHUNK elements. Done on whole arrays, every
+    one of the ~12 operations streams all four 650 MB arrays through memory; per chunk, the
+    chunk is loaded from memory once and the other operations hit the cache. `scratch` is an
+    optional float buffer of at least ADAMW_CHUNK elements (one per thread).
+    """
+    if _on_gpu():
+        _cupy_kernels().adamw(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+        return
+    step_size = lr / (1 - beta1 ** step)
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    decay = 1 - lr * weight_decay
+    if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adamw_update_ needs C-contiguous parameter and state arrays")
+    wf, mf, vf = w.reshape(-1), m.reshape(-1), v.reshape(-1)  # views (contiguous)
+    gf = g.reshape(-1)  # a view, or a copy when g is not contiguous (it is only read)
+    n = wf.shape[0]
+    if scratch is None or scratch.dtype != w.dtype:
+        scratch = np.empty(min(n, ADAMW_CHUNK), dtype=w.dtype)
+    for s in range(0, n, ADAMW_CHUNK):
+        e = min(s + ADAMW_CHUNK, n)
+        wc, gc, mc, vc, t = wf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s]
+        if weight_decay != 0:
+            wc *= decay
+        mc *= beta1
+        np.multiply(gc, 1 - beta1, out=t)
+        mc += t                            # m = b1 m + (1 - b1) g
+        vc *= beta2
+        np.multiply(gc, gc, out=t)
+        t *= 1 - beta2
+        vc += t                            # v = b2 v + (1 - b2) g^2
+        np.sqrt(vc, out=t)
+        t /= bc2_sqrt
+        t += eps                           # denominator
+        np.divide(mc, t, out=t)
+        t *= step_size
+        wc -= t
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy kernels (compiled on first use)
+# ---------------------------------------------------------------------------------------------
+
+_KERNELS = None
+
+
+def _cupy_kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _CupyKernels(backend.xp)
+    return _KERNELS
+
+
+class _CupyKernels:
+    """Fused GPU kernels. `T` is the array's float type (float or double), so the same kernel
+    serves float32 training and float64 gradient checks. Each mirrors the NumPy twin above."""
+
+    def __init__(self, cp):
+        self.cp = cp
+        self._gelu_fwd = cp.ElementwiseKernel(
+            "T x", "T y",
+            f"""
+            T u = (T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x);
+            y = (T)0.5 * x * ((T)1 + tanh(u));
+            """, "minigrad_gelu_fwd")
+        self._gelu_bwd = cp.ElementwiseKernel(
+            "T x, T g", "T dx",
+            f"""
+            T t = tanh((T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x));
+            T dudx = (T){GELU_C!r} * ((T)1 + (T)(3 * {GELU_A!r}) * x * x);
+            dx = g * (T)0.5 * (((T)1 + t) + x * ((T)1 - t * t) * dudx);
+            """, "minigrad_gelu_bwd")
+        # exp(z - m) for a row max m broadcast over the row
+        self._exp_shift = cp.ElementwiseKernel(
+            "T z, T m", "T e", "e = exp(z - m);", "minigrad_exp_shift")
+        # sum over the last axis of (x - mean)^2 (divided by C afterwards: the biased variance)
+        self._sq_dev = cp.ReductionKernel(
+            "T x, T mean", "T var", "(x - mean) * (x - mean)", "a + b", "var = a", "0",
+            "minigrad_sq_dev_sum")
+        self._ln_apply = cp.ElementwiseKernel(
+            "T x, T mean, T rstd, T w, T b", "T y",
+            "y = (x - mean) * rstd * w + b;", "minigrad_layer_norm_apply")
+        self._ln_dx = cp.ElementwiseKernel(
+            "T x, T mean, T rstd, T dxhat, T a, T b", "T dx",
+            "dx = rstd * (dxhat - a - (x - mean) * rstd * b);", "minigrad_layer_norm_dx")
+        # cross-entropy's gradient: (p - [j == t]) * scale, the column index j = i % V
+        self._xent_grad = cp.ElementwiseKernel(
+            "int64 t, T scale, int64 V", "T p",
+            "p = (p - (T)((i % V) == t)) * scale;", "minigrad_xent_grad")
+        self._adamw = cp.ElementwiseKernel(
+            "T g, T b1, T b2, T eps, T decay, T step_size, T bc2_sqrt", "T w, T m, T v",
+            """
+            w = w * decay;
+            m = b1 * m + ((T)1 - b1) * g;
+            v = b2 * v + ((T)1 - b2) * (g * g);
+            w = w - step_size * (m / (sqrt(v) / bc2_sqrt + eps));
+            """, "minigrad_adamw")
+
+    def gelu_forward(self, x):
+        return self._gelu_fwd(x)
+
+    def gelu_backward(self, x, g):
+        return self._gelu_bwd(x, g)
+
+    def softmax(self, z):
+        e = self._exp_shift(z, z.max(axis=-1, keepdims=True))
+        e /= e.sum(axis=-1, keepdims=True)
+        return e
+
+    def exp_shifted_rows(self, z):
+        m = z.max(axis=1, keepdims=True)
+        e = self._exp_shift(z, m)
+        return e, m, e.sum(axis=1, keepdims=True)
+
+    def xent_grad(self, probs, t_safe, row_scale):
+        N, V = probs.shape
+        t = t_safe.astype(self.cp.int64)
+        self._xent_grad(t[:, None], row_scale.astype(probs.dtype)[:, None], V, probs)
+
+    def sq_dev_mean(self, x, mean):
+        var = self._sq_dev(x, mean, axis=-1, keepdims=True)
+        var /= x.shape[-1]
+        return var
+
+    def layer_norm_apply(self, x, mean, rstd, weight, bias):
+        one = x.dtype.type(1)
+        w = weight if weight is not None else one
+        b = bias if bias is not None else x.dtype.type(0)
+        return self._ln_apply(x, mean, rstd, w, b)
+
+    def layer_norm_backward(self, x, mean, rstd, weight, g, need_dx):
+        cp = self.cp
+        C = x.shape[-1]
+        xhat = (x - mean) * rstd
+        g2 = g.reshape(-1, C)
+        dw = (g2 * xhat.reshape(-1, C)).sum(axis=0) if weight is not None else None
+        db = g2.sum(axis=0)
+        if not need_dx:
+            return None, dw, db
+        dxhat = g * weight if weight is not None else g
+        a = dxhat.mean(axis=-1, keepdims=True)
+        b = cp.mean(dxhat * xhat, axis=-1, keepdims=True)
+        return self._ln_dx(x, mean, rstd, dxhat, a, b), dw, db
+
+    def adamw(self, w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        T = w.dtype.type
+        self._adamw(g, T(beta1), T(beta2), T(eps), T(1 - lr * weight_decay), T(lr / (1 - beta1 ** step)),
+                    T(math.sqrt(1 - beta2 ** step)), w, m, v)
