@@ -1,0 +1,373 @@
+"""OpenAI's pretrained GPT-2 weights: download, load into a `GPTModel`, and export ours back.
+
+    from gpt2.pretrained import load_pretrained, export_hf
+    model = load_pretrained("gpt2")                 # 124M; or gpt2-medium, gpt2-large, gpt2-xl
+    model = load_pretrained("path/to/dir")          # any directory in the Hugging Face layout
+    export_hf(model, "out/my-gpt2")                 # config.json + model.safetensors for transformers
+
+A name is downloaded once from https://huggingface.co/openai-community/<name> into the cache
+directory, `~/.cache/minigrad-gpt2/<name>/` (set GPT2_CACHE, or pass `cache_dir`, to use another).
+Each file is written to `<file>.part`, flushed to disk, and only then renamed to its real name,
+so an interrupted download never leaves a file that looks complete. Without network access the
+error says which two files to fetch and where to put them; GPT2_OFFLINE=1 skips the attempt.
+
+Weights are read with safetensors (never pickle). The name and layout mapping is `gpt2/hf.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from minigrad import backend as mg_backend
+from minigrad import nn
+
+from . import hf
+from .errors import GPT2Error
+from .model import GPTModel
+
+# name -> approximate size of model.safetensors (for the messages)
+PRETRAINED = {"gpt2": "548 MB", "gpt2-medium": "1.5 GB", "gpt2-large": "3.3 GB", "gpt2-xl": "6.4 GB"}
+ALIASES = {"gpt2-124m": "gpt2", "gpt2-small": "gpt2"}
+HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+FILES = ("config.json", "model.safetensors")
+DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the files live, and fetching them
+# ---------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """$GPT2_CACHE if set, else ~/.cache/minigrad-gpt2."""
+    env = os.environ.get("GPT2_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minigrad-gpt2"
+
+
+def canonical_name(name: str) -> str | None:
+    """'gpt2', 'openai-community/gpt2-xl', 'gpt2-124m' -> the hub name; None if not one of ours."""
+    name = name.removeprefix("openai-community/")
+    name = ALIASES.get(name, name)
+    return name if name in PRETRAINED else None
+
+
+def model_dir(name: str, cache_dir=None) -> Path:
+    """The directory the files of pretrained model `name` are (or will be) cached in."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / name
+
+
+def file_urls(name: str) -> list[str]:
+    return [HUB_URL.format(name=name, file=f) for f in FILES]
+
+
+def download_instructions(name: str, cache_dir=None) -> str:
+    """What to download, from where, and where to put it (for users without network access)."""
+    dest = model_dir(name, cache_dir)
+    urls = "\n".join(f"    {u}" for u in file_urls(name))
+    return (f"To use OpenAI's {name} weights without network access, download these two files\n"
+            f"(model.safetensors is about {PRETRAINED[name]}) on a machine that has it:\n{urls}\n"
+            f"and put them in the cache directory\n    {dest}/\n"
+            f"(set GPT2_CACHE to use another cache root), or in any directory and pass that directory\n"
+            f"instead of the name: load_pretrained(DIR), or python -m gpt2 generate --pretrained DIR.")
+
+
+def ensure_downloaded(name: str, cache_dir=None, progress: bool = True) -> Path:
+    """The cache directory of pretrained model `name`, downloading whichever file is missing.
+
+    A file that exists under its real name is complete (downloads are renamed into place only
+    when finished), so it is never downloaded again; a leftover `.part` file is started over.
+    """
+    dest = model_dir(name, cache_dir)
+    missing = [f for f in FILES if not (dest / f).is_file()]
+    if not missing:
+        return dest
+    if os.environ.get("GPT2_OFFLINE", "") not in ("", "0"):
+        raise GPT2Error(f"{name} is not in the cache and GPT2_OFFLINE is set. "
+                        + _one_line(download_instructions(name, cache_dir)))
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GPT2Error(f"cannot create the cache directory {dest} ({exc}); set GPT2_CACHE or pass "
+                        "cache_dir to use another") from None
+    for f in missing:
+        download_file(HUB_URL.format(name=name, file=f), dest / f, progress=progress,
+                      hint=download_instructions(name, cache_dir))
+    return dest
+
+
+def download_file(url: str, dest: Path, progress: bool = True, hint: str = "") -> None:
+    """Fetch `url` into `dest` atomically: write `dest.part`, fsync, then rename."""
+    from tqdm import tqdm  # noqa: PLC0415 - only needed when downloading
+
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            got = 0
+            with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                             desc=f"downloading {dest.name}", disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+        if total is not None and got != total:
+            raise GPT2Error(f"download of {url} stopped after {got:,} of {total:,} bytes; run again to retry")
+        os.replace(part, dest)
+        _fsync_dir(dest.parent)
+    except GPT2Error:
+        _remove(part)
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # no network, HTTP errors, disk full
+        _remove(part)
+        reason = getattr(exc, "reason", None) or exc
+        raise GPT2Error(f"could not download {url} ({reason}). " + _one_line(hint)) from None
+    except BaseException:  # Ctrl-C: never leave a partial file behind under any name but .part
+        _remove(part)
+        raise
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve(name_or_dir, cache_dir=None, progress: bool = True) -> Path:
+    """A pretrained model name (downloaded if needed) or a local directory -> the directory."""
+    name_or_dir = os.fspath(name_or_dir)
+    name = canonical_name(name_or_dir)
+    if name is not None:
+        return ensure_downloaded(name, cache_dir, progress=progress)
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise GPT2Error(f"{name_or_dir} is a file; give the directory that holds config.json and "
+                        "model.safetensors")
+    looks_like_path = os.sep in name_or_dir or name_or_dir.startswith((".", "~"))
+    if looks_like_path:
+        raise GPT2Error(f"directory {name_or_dir} does not exist")
+    raise GPT2Error(f"unknown pretrained model {name_or_dir!r}: choose one of {', '.join(PRETRAINED)}, "
+                    "or give a directory holding config.json and model.safetensors (Hugging Face layout)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load_pretrained(name_or_dir, backend=None, dtype="float32", cache_dir=None) -> GPTModel:
+    """A GPTModel with OpenAI's GPT-2 weights (a name) or those of a Hugging Face-layout directory.
+
+    name_or_dir: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (downloaded once into the cache
+        directory), or a directory with config.json and model.safetensors, as transformers'
+        `save_pretrained` (or our `export_hf`) writes them. Names win over directories: write
+        "./gpt2" for a local directory called gpt2.
+    backend: "numpy" or "cupy" to switch minigrad's backend first (it is global: the model's
+        arrays and every later op live there); None keeps the current one.
+    dtype: "float32" (default), "float64" (e.g. for gradient checks) or "float16".
+    cache_dir: the cache root for downloads (default $GPT2_CACHE or ~/.cache/minigrad-gpt2).
+
+    The model comes back in eval mode (dropout off), as transformers' from_pretrained does;
+    call `model.train()` to fine-tune it. Any problem with the files is a GPT2Error naming it.
+    """
+    dtype = _check_dtype(dtype)
+    if backend is not None:
+        try:
+            mg_backend.set_backend(backend)
+        except mg_backend.BackendError as exc:
+            raise GPT2Error(str(exc)) from None
+    return _load_dir(resolve(name_or_dir, cache_dir), dtype)
+
+
+def _check_dtype(dtype):
+    try:
+        dt = np.dtype(dtype).type
+    except TypeError:
+        dt = None
+    if dt not in DTYPES.values():
+        raise GPT2Error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dt
+
+
+def read_config(directory: Path) -> tuple:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise GPT2Error(f"no config.json in {directory} (expected the Hugging Face layout: config.json "
+                        "and model.safetensors)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise GPT2Error(f"cannot read {path}: {exc}") from None
+    try:
+        return hf.config_from_hf(d, source=str(path))
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # e.g. "n_embd": [1]
+        raise GPT2Error(f"{path}: a field has a value of the wrong type ({exc})") from None
+
+
+def _weights_path(directory: Path) -> Path:
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        other = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.index.json")]
+        extra = (f"; found {', '.join(sorted(other))}, which we do not read (pickle files and sharded "
+                 "checkpoints): convert to a single model.safetensors") if other else ""
+        raise GPT2Error(f"no model.safetensors in {directory}{extra}")
+    return path
+
+
+def _load_dir(directory: Path, dtype) -> GPTModel:
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    directory = Path(directory)
+    config, eps = read_config(directory)
+    path = _weights_path(directory)
+    # Check everything the header can tell before allocating anything: completeness, names,
+    # shapes, dtypes. Each problem is one GPT2Error naming the tensor.
+    header = hf.read_safetensors_header(path)
+    source = str(path)
+    matched = hf.match_tensors({n: shape for n, (_, shape, _) in header.items()}, config, source)
+    for _, name in matched.values():
+        if header[name][0] not in hf.SAFETENSORS_DTYPES:
+            raise GPT2Error(f"tensor {name!r} in {source} has dtype {header[name][0]}, which we cannot "
+                            f"read; supported: {', '.join(hf.SAFETENSORS_DTYPES)}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if not config.qkv_bias:
+                # Our own export of a model without qkv bias: zeros were written; if someone has
+                # since trained them (e.g. in transformers), keep them.
+                biases = [f.get_tensor(name) for spec, name in matched.values()
+                          if spec.ours.endswith("attn.qkv.bias")]
+                if any(np.any(b != 0) for b in biases):
+                    config = config.replace(qkv_bias=True)
+            model = build_uninitialised(config)
+            params = dict(model.named_parameters())
+            unmapped = (set(params) - set(matched)) | {
+                n for n in set(matched) - set(params) if not n.endswith("attn.qkv.bias") or config.qkv_bias}
+            if unmapped:  # a bug, not a user error: the model and gpt2/hf.py disagree
+                raise RuntimeError(f"gpt2/hf.py does not match GPTModel's parameters: {sorted(unmapped)[:5]}")
+            for ours, (spec, name) in matched.items():
+                if ours not in params:
+                    continue  # the zero qkv biases of a model without them
+                array = hf.to_ours(f.get_tensor(name), spec)
+                if not np.isfinite(array).all():
+                    raise GPT2Error(f"tensor {name!r} in {source} contains NaN or infinity")
+                params[ours].data = mg_backend.asarray(array, dtype=dtype)
+    except SafetensorError as exc:
+        raise GPT2Error(f"cannot read {source} ({exc}): delete it and download it again") from None
+    if eps != 1e-5:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+    return model.eval()
+
+
+class _NoInit:
+    """Stands in for minigrad's random generator while a model is built only to be loaded into:
+    every 'random' array is a read-only zero-strided view (no memory, no time spent), and the
+    seeded generator is left untouched. Loading then replaces every parameter."""
+
+    def random(self, shape, dtype=None):
+        return self.normal(shape, dtype=dtype)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        xp = mg_backend.xp
+        return xp.broadcast_to(xp.zeros((), dtype=dtype or mg_backend.default_dtype), shape)
+
+
+@contextlib.contextmanager
+def _no_init():
+    saved = mg_backend._rng
+    mg_backend._rng = _NoInit()
+    try:
+        yield
+    finally:
+        mg_backend._rng = saved
+
+
+def build_uninitialised(config) -> GPTModel:
+    """GPTModel(config) without GPT-2's random initialisation (its parameters are placeholders to
+    be assigned): for GPT-2 XL that saves ~20 s and never holds two copies of the weights."""
+    with _no_init():
+        return GPTModel(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporting
+# ---------------------------------------------------------------------------------------------
+
+def export_hf(model: GPTModel, directory, dtype=None) -> Path:
+    """Write `model` as config.json + model.safetensors in the Hugging Face GPT2LMHeadModel layout.
+
+    transformers loads the result with `GPT2LMHeadModel.from_pretrained(directory)`, and
+    `load_pretrained(directory)` gives back exactly the same model. Names carry the
+    `transformer.` prefix and Conv1D weights are stored [in, out], as save_pretrained writes
+    them. A model without qkv bias gets zero c_attn biases; an untied head is written as
+    lm_head.weight with tie_word_embeddings=false (see gpt2/hf.py). `dtype` (default: the
+    model's) may be "float32" to export a float64 model for use elsewhere.
+    """
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    if not isinstance(model, GPTModel):
+        raise GPT2Error(f"export_hf needs a GPTModel, got {type(model).__name__}")
+    config = model.config
+    state = model.state_dict()
+    out_dtype = _check_dtype(dtype if dtype is not None else np.dtype(state["tok_emb.weight"].dtype))
+    tensors = {}
+    for spec in hf.tensor_specs(config):
+        if spec.ours in state:
+            array = mg_backend.to_numpy(state[spec.ours])
+        elif spec.ours.endswith("attn.qkv.bias") and not config.qkv_bias:
+            array = np.zeros(spec.hf_shape)
+        else:
+            raise RuntimeError(f"GPTModel has no parameter {spec.ours} (gpt2/hf.py is out of date)")
+        tensors[hf.hf_file_name(spec)] = hf.to_hf(array.astype(out_dtype, copy=False), spec)
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        hf_config = hf.config_to_hf(config, float(model.ln_f.eps), np.dtype(out_dtype).name)
+        _write_atomic(directory / "config.json",
+                      lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"))
+        _write_atomic(directory / "model.safetensors",
+                      lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    except OSError as exc:
+        raise GPT2Error(f"cannot write {directory}: {exc}") from None
+    return directory
+
+
+def _write_atomic(dest: Path, write) -> None:
+    part = dest.with_name(dest.name + ".part")
+    try:
+        write(part)
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except BaseException:
+        _remove(part)
+        raise
+    _fsync_dir(dest.parent)
