@@ -32,8 +32,12 @@ class GPTConfig:
                 raise GPT2Error(f"{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads:
             raise GPT2Error(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GPT2Error(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise GPT2Error(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise GPT2Error(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:

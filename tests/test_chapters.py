@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # Chapters that run quickly enough for the default test run; append new ones here.
-CHAPTERS = ["01_autograd.py"]
+CHAPTERS = ["01_autograd.py", "03_attention.py", "06_pretrained.py"]
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

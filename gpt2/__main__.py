@@ -1,0 +1,8 @@
+"""`python -m gpt2 ...` (and the `minigrad-gpt2` script): see gpt2/cli.py."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

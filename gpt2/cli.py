@@ -1,0 +1,606 @@
+"""The command line: `python -m gpt2 train | generate | bench`.
+
+A thin layer over functions a user could call from Python: it parses flags, checks them, calls
+gpt2.data / gpt2.train / gpt2.checkpoint / gpt2.generate, and turns our own errors (GPT2Error,
+minigrad's BackendError) into one line on stderr, `error: ...`, with exit code 2.
+
+    python -m gpt2 train --out runs/verdict                       # the course run (chapter 05)
+    python -m gpt2 train --resume runs/verdict                    # continue it after Ctrl-C or a crash
+    python -m gpt2 generate --checkpoint runs/verdict --prompt "Every effort moves you"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+import minigrad as mg
+
+from .config import MODEL_SIZES, config_for
+from .errors import GPT2Error
+
+PROG = "python -m gpt2"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" after a flag's help, unless the help already says it or X is empty."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (`error: ...`, exit code 2) like our own
+    errors, instead of the usage block followed by the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description="GPT-2 from scratch on minigrad: train, generate, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench}")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
+    fmt = _Help
+    p = sub.add_parser("train", formatter_class=fmt, help="train a GPT-2 from scratch on a text file",
+                       description="Train a GPT-2 from scratch. The defaults are the course run of "
+                       "chapter 05 (LLMs from Scratch, chapter 5): the 124M shape with context 256, "
+                       "dropout 0.1, no qkv bias and an untied output head, AdamW lr 4e-4 and weight "
+                       "decay 0.1, batch 2, 10 epochs, seed 123, on The Verdict.")
+    p.add_argument("--data", metavar="FILE", default=None,
+                   help="a UTF-8 text file to train on (default: The Verdict, downloaded into data/ "
+                   "on first use)")
+    p.add_argument("--model", choices=list(MODEL_SIZES), default="gpt2-124m",
+                   help="the GPT-2 shape (layers, heads, width); the flags below override parts of it")
+    g = p.add_argument_group("model overrides")
+    g.add_argument("--context-length", type=int, default=256, metavar="N",
+                   help="tokens per training window (at most the size's 1024)")
+    g.add_argument("--n-layers", type=int, default=None, metavar="N", help="transformer blocks "
+                   "(default: the --model size's)")
+    g.add_argument("--n-heads", type=int, default=None, metavar="N", help="attention heads "
+                   "(default: the --model size's)")
+    g.add_argument("--emb-dim", type=int, default=None, metavar="N", help="embedding width, divisible by "
+                   "--n-heads (default: the --model size's)")
+    g.add_argument("--dropout", type=float, default=0.1, metavar="P", help="dropout probability in [0, 1)")
+    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="biases on the query/key/value projection (default: off)")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="share the token embedding with the output head (default: untied)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
+    t.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps (default: no limit)")
+    t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step")
+    t.add_argument("--lr", type=float, default=4e-4, metavar="X", help="AdamW learning rate (peak "
+                   "learning rate with --warmup-steps)")
+    t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
+                   help="AdamW decoupled weight decay, applied to every parameter as in the book")
+    t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear warmup over N steps, then cosine decay to lr/10 (default: constant lr)")
+    t.add_argument("--grad-clip", type=float, default=None, metavar="X",
+                   help="clip the global gradient norm to X (default: no clipping)")
+    t.add_argument("--eval-every", type=int, default=5, metavar="N",
+                   help="print train and val loss every N steps")
+    t.add_argument("--eval-iter", type=int, default=5, metavar="N",
+                   help="batches of each loader averaged per evaluation")
+    t.add_argument("--sample-prompt", default="Every effort moves you", metavar="TEXT",
+                   help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip")
+    t.add_argument("--seed", type=int, default=123, metavar="N",
+                   help="seed for weights, dropout and the shuffle order")
+    t.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="numpy (CPU) or cupy (NVIDIA GPU)")
+    t.add_argument("--out", metavar="DIR", default="runs/train",
+                   help="run directory for the checkpoints (ckpt-<step>/, `latest`) and loss.png")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in --out (otherwise that is an error)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("checkpoints and resuming")
+    r.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run saved in DIR (a run directory: its `latest` checkpoint; or one "
+                   "ckpt-<step> directory) exactly where it stopped, with its settings; only --epochs, "
+                   "--max-steps, --lr, --grad-clip, --eval-every, --eval-iter, --sample-prompt, "
+                   "--save-every, --keep, --skip-nonfinite, --backend, --data (same contents) and "
+                   "--no-progress may be changed")
+    r.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="save a checkpoint every N steps (and always at the end and on Ctrl-C)")
+    r.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="keep the newest N checkpoints in --out, deleting older ones")
+    r.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient is NaN/inf instead of stopping")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_generate(sub) -> None:
+    fmt = _Help
+    p = sub.add_parser("generate", formatter_class=fmt, help="continue a prompt with a trained model",
+                       description="Continue a prompt with a checkpoint from `train`, or with "
+                       "OpenAI's pretrained weights. Temperature 0 is greedy decoding.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory written by `train`")
+    src.add_argument("--pretrained", metavar="NAME_OR_DIR",
+                     help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
+                     "directory holding them")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P, P in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="where --pretrained weights are downloaded and cached")
+    p.add_argument("--no-cache", action="store_true",
+                   help="turn the KV cache off (recompute the whole context for every token)")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_bench(sub) -> None:
+    """`bench` lives in gpt2/bench.py (its own flags and runner); registered when present."""
+    try:
+        from . import bench  # noqa: PLC0415
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}.bench":
+            return  # no benchmark module in this version
+        bench, problem = None, exc
+    except Exception as exc:  # a broken bench module must not break train/generate
+        bench, problem = None, exc
+    p = sub.add_parser("bench", help="time training steps and generation")
+    if bench is None:
+        def broken(args):
+            raise GPT2Error(f"gpt2.bench could not be imported: {type(problem).__name__}: {problem}")
+        p.set_defaults(func=broken)
+        return
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (one clear message each, raised as GPT2Error)
+# ---------------------------------------------------------------------------------------------
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise GPT2Error(f"{name} must be a positive integer, got {value}")
+
+
+def _finite(name: str, value) -> None:
+    if value is not None and not math.isfinite(value):
+        raise GPT2Error(f"{name} must be a finite number, got {value}")
+
+
+def _use_backend(name: str) -> None:
+    mg.set_backend(name)   # BackendError (unknown name, CuPy missing, no GPU) -> error line
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+def train_config_from_args(args):
+    """The GPTConfig that the train flags describe."""
+    for flag in ("context_length", "n_layers", "n_heads", "emb_dim"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
+    base = config_for(args.model)
+    if args.context_length > base.context_length:
+        raise GPT2Error(f"--context-length {args.context_length} is larger than {args.model}'s "
+                        f"{base.context_length} positions")
+    _finite("--dropout", args.dropout)
+    if not 0.0 <= args.dropout < 1.0:
+        raise GPT2Error(f"--dropout must be in [0, 1), got {args.dropout}")
+    overrides = dict(context_length=args.context_length, dropout=args.dropout, qkv_bias=args.qkv_bias,
+                     tie_embeddings=args.tie_embeddings)
+    for flag in ("n_layers", "n_heads", "emb_dim"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    return config_for(args.model, **overrides)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to replace someone's checkpoint (checked before training, not after hours of it)."""
+    from .checkpoint import CHECKPOINT_FILES, LATEST_FILE, is_run_dir, list_checkpoints  # noqa: PLC0415
+
+    if out.exists() and not out.is_dir():
+        raise GPT2Error(f"--out {out} exists and is not a directory; choose another --out")
+    ours = [p.name for p in list_checkpoints(out)][-3:]
+    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, "loss.png") if (out / n).exists()]
+    if ours and not overwrite:
+        resume = f"continue it with --resume {out}, " if is_run_dir(out) else ""
+        raise GPT2Error(f"--out {out} already holds a checkpoint ({', '.join(ours)}); {resume}choose another "
+                        "--out, or pass --overwrite to replace it")
+
+
+def _clear_out_dir(out: Path) -> None:
+    """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
+    from .checkpoint import CHECKPOINT_FILES, LATEST_FILE, list_checkpoints, remove_leftovers  # noqa: PLC0415
+
+    if not out.is_dir():
+        return
+    for n in (LATEST_FILE, *CHECKPOINT_FILES, "loss.png"):   # `latest` first: nothing points at a
+        (out / n).unlink(missing_ok=True)                     # half-deleted checkpoint
+    for ckpt in list_checkpoints(out):
+        shutil.rmtree(ckpt)
+    remove_leftovers(out)
+
+
+# What a resumed run may change; every other setting is the run's own (see _resumed_args).
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
+                     "save_every", "keep", "skip_nonfinite", "backend", "no_progress", "data")
+_RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int, "n_heads": int,
+              "emb_dim": int, "dropout": float, "qkv_bias": bool, "tie_embeddings": bool, "epochs": int,
+              "max_steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
+              "grad_clip": float, "eval_every": int, "eval_iter": int, "sample_prompt": str, "seed": int,
+              "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
+    """The flags of the run saved in `ckpt_dir`, with the ones this command changes on top.
+
+    A flag left at its default takes the run's value; a flag given with another value is an
+    error unless it is one of RESUME_MAY_CHANGE (a resumed run must rebuild the same model, data
+    and schedule to continue exactly)."""
+    run = (trainer_state or {}).get("run")
+    if not isinstance(trainer_state, dict) or "loader" not in trainer_state or not isinstance(run, dict):
+        raise GPT2Error(f"{ckpt_dir} was not saved by `{PROG} train` (it has no run settings or data loader "
+                        "position), so it cannot be resumed; it can still be used with generate --checkpoint")
+    defaults = vars(build_parser().parse_args(["train"]))
+    explicit = getattr(args, "given", None)   # the flags on the command line (set by main)
+    merged = argparse.Namespace(**vars(args))
+    changes = []
+    for key, typ in _RUN_TYPES.items():
+        if key not in run:
+            continue                      # saved by an older version: this command's value
+        saved = run[key]
+        ok = saved is None or (isinstance(saved, typ) and not (typ is not bool and isinstance(saved, bool))) \
+            or (typ is float and isinstance(saved, int) and not isinstance(saved, bool))
+        if not ok:
+            raise GPT2Error(f"{ckpt_dir}/trainer_state.json: the run setting {key} has an invalid value "
+                            f"{str(saved)[:40]} (the checkpoint is damaged)")
+        given = getattr(args, key)
+        left_out = key not in explicit if explicit is not None else given == defaults[key]
+        if left_out or given == saved:
+            setattr(merged, key, saved)
+        elif key in RESUME_MAY_CHANGE:
+            changes.append(f"{_flag(key)} {given} (was {saved})")
+        else:
+            raise GPT2Error(f"{_flag(key)} {given} differs from the run being resumed ({saved}); a resumed "
+                            f"run keeps its model, data, batch size, seed and schedule: leave {_flag(key)} "
+                            "out, or start a new run with another --out")
+    return merged, changes
+
+
+def _run_dir_of(ckpt_dir: Path) -> Path:
+    """Where a resumed run saves: the run directory a ckpt-<step> checkpoint belongs to, or a
+    single checkpoint directory itself (its new checkpoints go inside it, and `latest` wins)."""
+    from .checkpoint import _CKPT_DIR  # noqa: PLC0415
+
+    return ckpt_dir.parent if _CKPT_DIR.fullmatch(ckpt_dir.name) else ckpt_dir
+
+
+def _check_resume_out(out: Path, ckpt_dir: Path, step: int) -> None:
+    from .checkpoint import _step_of, list_checkpoints  # noqa: PLC0415
+
+    if out.resolve() != _run_dir_of(ckpt_dir).resolve():
+        _check_out_dir(out, overwrite=False)    # a new run directory, continuing from ckpt_dir
+        return
+    later = [c for c in list_checkpoints(out) if _step_of(c) > step]
+    if later:
+        raise GPT2Error(f"{out} has a checkpoint after step {step} ({later[-1].name}); resume from that one "
+                        f"(--resume {later[-1]}), or continue step {step} in a new directory (--out NEW)")
+
+
+@contextlib.contextmanager
+def _graceful_stop():
+    """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
+    step and save a checkpoint; a second Ctrl-C stops at once, without saving (the previous
+    checkpoint stays the latest). Yields a dict whose "signal" is set when asked to stop."""
+    flag = {"signal": None}
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              "(press Ctrl-C again to quit at once without saving)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ck  # noqa: PLC0415
+    from . import data  # noqa: PLC0415
+    from .model import GPTModel  # noqa: PLC0415
+    from .plot import plot_losses  # noqa: PLC0415
+    from .tokenizer import get_tokenizer  # noqa: PLC0415
+    from .train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, total_steps  # noqa: PLC0415
+    from .train import train as run_training  # noqa: PLC0415
+
+    # 0. Resuming: the run's own settings, with the few this command may change.
+    resume, changes = None, []
+    if args.resume is not None:
+        if args.overwrite:
+            raise GPT2Error("--resume continues a run in place; it cannot be combined with --overwrite")
+        resume = ck.resolve_checkpoint(args.resume)
+        saved_state = ck.read_trainer_state(resume)
+        args, changes = _resumed_args(args, resume, saved_state)
+        given = getattr(args, "given", None)
+        if not ("out" in given if given is not None else args.out != "runs/train"):
+            args.out = str(_run_dir_of(resume))     # --out not given: the run's own directory
+
+    # 1. Check every flag before anything slow happens.
+    config = train_config_from_args(args)
+    for flag in ("epochs", "batch_size", "eval_every", "eval_iter", "save_every", "keep"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    _positive("--max-steps", args.max_steps, allow_none=True)
+    for flag in ("lr", "weight_decay", "grad_clip"):
+        _finite("--" + flag.replace("_", "-"), getattr(args, flag))
+    if not args.lr > 0:
+        raise GPT2Error(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        raise GPT2Error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.grad_clip is not None and not args.grad_clip > 0:
+        raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise GPT2Error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.seed < 0:
+        raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
+    out = Path(args.out)
+    if resume is None:
+        _check_out_dir(out, args.overwrite)
+    else:
+        _check_resume_out(out, resume, saved_state.get("step", 0))
+    _use_backend(args.backend)
+
+    # 2. Data: tokens, windows of context_length (stride = context_length), 90/10 split.
+    data_path = Path(args.data) if args.data is not None else data.verdict_path()
+    text = data.read_text(data_path)
+    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    tokenizer = get_tokenizer()
+    try:
+        train_loader, val_loader = data.create_loaders(text, args.batch_size, config.context_length,
+                                                       seed=args.seed, tokenizer=tokenizer)
+    except GPT2Error as exc:
+        raise GPT2Error(f"{data_path}: {exc}") from None
+    n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
+
+    # 3. Model and optimizer: seeded and new, or exactly as the checkpoint left them.
+    if resume is None:
+        mg.manual_seed(args.seed)
+        model = GPTModel(config)
+        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        state, history = TrainState(), History()   # filled in as training goes
+    else:
+        if saved_state.get("data_sha256") not in (None, data_sha256):
+            raise GPT2Error(f"{data_path} is not the text the run in {resume} was trained on (its SHA-256 "
+                            "differs); resume with the same data file (--data FILE)")
+        ckpt = ck.load_checkpoint(resume)
+        if ckpt.config != config:
+            raise GPT2Error(f"{resume}/config.json does not match the run's settings in trainer_state.json "
+                            "(the checkpoint is damaged or was edited)")
+        model = ckpt.model
+        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        state, history = ck.restore_training(ckpt, optimizer, train_loader)
+        if any(c.startswith("--lr ") for c in changes):   # a new (peak) learning rate from here on
+            for g in optimizer.param_groups:
+                g["lr"] = args.lr
+                if "initial_lr" in g:
+                    g["initial_lr"] = args.lr
+    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
+                      eval_iter=args.eval_iter, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
+                      sample_prompt=args.sample_prompt or None, progress=not args.no_progress,
+                      skip_nonfinite=args.skip_nonfinite)
+    steps = total_steps(train_loader, cfg)
+    print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
+          f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
+    print(f"data: {data_path} ({len(text):,} characters, {n_tokens:,} tokens); train {len(train_loader)} "
+          f"batches of {args.batch_size}x{config.context_length}, val {len(val_loader)}")
+    print(f"training: {steps} steps, AdamW lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+          f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
+          f"in {out}/ (newest {args.keep} kept)")
+    if resume is not None:
+        print(f"resuming {resume} at step {state.step} (epoch {train_loader.epoch + 1}, batch "
+              f"{train_loader.batch_index + 1} of {len(train_loader)})"
+              + (f"; changed: {', '.join(changes)}" if changes else ""))
+        if state.step >= steps:
+            print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps "
+                  "to train further")
+    sys.stdout.flush()
+    if args.overwrite:
+        _clear_out_dir(out)
+
+    # 4. Train, saving a checkpoint every --save-every steps, at the end and on Ctrl-C.
+    run = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite", "out", "given")}
+    saved = {"step": None, "dir": None}
+    if resume is not None and out.resolve() == _run_dir_of(resume).resolve():
+        saved = {"step": state.step, "dir": resume}    # that step is saved already
+
+    def snapshot() -> dict:
+        return {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+                "skipped_steps": state.skipped_steps, "loader": train_loader.state_dict(),
+                "history": history.to_dict(), "run": run, "data_sha256": data_sha256}
+
+    def save() -> Path:
+        try:
+            saved["dir"] = ck.save_run_checkpoint(out, model, optimizer, snapshot(), step=state.step,
+                                                  keep=args.keep)
+        except OSError as exc:   # disk full, permissions: the previous checkpoint is untouched
+            last = ck.latest_checkpoint(out)
+            raise GPT2Error(f"could not save the checkpoint of step {state.step} in {out} ({exc}); "
+                            + (f"the previous one, {last}, is intact" if last else "nothing was saved")
+                            ) from None
+        saved["step"] = state.step
+        return saved["dir"]
+
+    def on_step(st) -> None:
+        if st.step % args.save_every == 0:
+            save()
+
+    with _graceful_stop() as stop:
+        try:
+            run_training(model, train_loader, val_loader, optimizer, cfg, tokenizer=tokenizer, state=state,
+                         history=history, on_step=on_step, stop=lambda: stop["signal"] is not None)
+        except NonFiniteError as exc:
+            last = ck.latest_checkpoint(out)
+            kept = (f"the last good checkpoint, {last}, is kept: resume from it with `{PROG} train --resume "
+                    f"{out}` (e.g. with a lower --lr)" if last is not None else
+                    "no checkpoint had been saved yet (--save-every N saves one every N steps)")
+            raise GPT2Error(f"{exc}; {kept}") from None
+        # 5. The final checkpoint (its weights were saved already if the last step was a save step).
+        if saved["step"] == state.step:
+            ck.update_trainer_state(saved["dir"], {"history": history.to_dict()})
+            final = saved["dir"]
+        else:
+            final = save()
+    print(f"saved checkpoint {final} (step {state.step}; {out / ck.LATEST_FILE} names it)")
+    if history.epochs:
+        plot = plot_losses(history, out / "loss.png")
+        print(f"saved loss plot to {plot}")
+        print(f"{'so far' if stop['signal'] is not None else 'final'}: train loss "
+              f"{history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f} "
+              f"after {state.step} steps, {state.tokens_seen:,} tokens, {history.seconds:.0f} s "
+              f"({state.tokens_seen / max(history.seconds, 1e-9):,.0f} tokens/s)")
+    if stop["signal"] is not None:
+        name = signal.Signals(stop["signal"]).name
+        print(f"{name}: training stopped at step {state.step} and saved {final}; resume with: "
+              f"{PROG} train --resume {out}", file=sys.stderr, flush=True)
+        return 128 + stop["signal"]
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from .generate import check_sampling_args, generate  # noqa: PLC0415
+    from .tokenizer import get_tokenizer  # noqa: PLC0415
+
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _finite("--temperature", args.temperature)
+    _finite("--top-p", args.top_p)
+    if args.temperature < 0:
+        raise GPT2Error(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise GPT2Error(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise GPT2Error(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.cache_dir is not None and args.pretrained is None:
+        raise GPT2Error("--cache-dir only applies to --pretrained")
+    if not args.prompt:
+        raise GPT2Error("--prompt must not be empty")
+    if args.seed is not None and args.seed < 0:
+        raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
+    _use_backend(args.backend)
+
+    if args.checkpoint is not None:
+        from .checkpoint import load_model  # noqa: PLC0415
+        model = load_model(args.checkpoint)
+    else:
+        try:
+            from .pretrained import load_pretrained  # noqa: PLC0415
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.pretrained":
+                raise
+            raise GPT2Error("--pretrained is not available in this version (gpt2/pretrained.py is "
+                            "missing); use --checkpoint") from None
+        model = load_pretrained(args.pretrained, backend=args.backend, cache_dir=args.cache_dir)
+    tokenizer = get_tokenizer()
+    ids = np.asarray(tokenizer.encode(args.prompt), dtype=np.int64)[None, :]
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_id=tokenizer.eot_id, seed=args.seed, use_cache=not args.no_cache)
+    print(tokenizer.decode(out[0]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags actually written in `argv` (not left at their defaults):
+    `train --resume` keeps the run's own value of every flag not given."""
+    parser = build_parser()
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, argparse.ArgumentParser):
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+                sub._defaults.clear()
+    try:
+        return set(vars(parser.parse_args(argv))) - {"command"}
+    except SystemExit:
+        return set()
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted by Ctrl-C, 143 by
+    SIGTERM; an interrupted `train` first saves a checkpoint to resume from)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:   # --help (0) or an argparse error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args.given = given_flags(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (GPT2Error, mg.BackendError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; try a smaller --batch-size, --context-length or model",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:   # e.g. no permission to write --out
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+

@@ -1,0 +1,289 @@
+"""Data: the text, its tokens, sliding windows of (input, target) pairs, and a batching loader.
+
+    text = load_text()                                   # The Verdict (downloaded once), or
+    text = load_text("my.txt")                           # any UTF-8 text file
+    train_loader, val_loader = create_loaders(text, batch_size=2, max_length=256, stride=256)
+    for x, y in train_loader:                            # x, y: int64 (B, T); y is x shifted by one
+        ...
+
+A language model learns to predict every next token, so one window of T+1 tokens gives T
+training examples at once: input ids[i : i+T], target ids[i+1 : i+T+1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GPT2Error
+
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+               "ch02/01_main-chapter-code/the-verdict.txt")
+VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+VERDICT_NAME = "the-verdict.txt"
+
+_REPO = Path(__file__).resolve().parents[1]
+# The project's CI material may sit beside a development checkout (../shared); never required.
+SHARED_VERDICT = _REPO.parent / "shared" / "data" / VERDICT_NAME
+
+
+# ---------------------------------------------------------------------------------------------
+# Getting the text
+# ---------------------------------------------------------------------------------------------
+
+def default_data_dir() -> Path:
+    """Where the story is kept: $GPT2_DATA_DIR, else `data/` in the checkout (git-ignored), else
+    `./data` when the package is installed elsewhere."""
+    if os.environ.get("GPT2_DATA_DIR"):
+        return Path(os.environ["GPT2_DATA_DIR"])
+    if (_REPO / "pyproject.toml").is_file():
+        return _REPO / "data"
+    return Path.cwd() / "data"
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file's contents; GPT2Error if it is missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2Error(f"data file {path} does not exist (or is not a file); pass --data with a UTF-8 "
+                        "text file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise GPT2Error(f"data file {path} is empty; it needs some text to train on")
+    if b"\x00" in raw:
+        raise GPT2Error(f"data file {path} looks binary (it contains NUL bytes); use a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GPT2Error(f"data file {path} is not valid UTF-8 (byte {exc.start}); "
+                        "convert it, e.g. iconv -t UTF-8") from None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verdict_path(data_dir=None, download: bool = True) -> Path:
+    """Path to The Verdict, fetching it on first use.
+
+    Looked for in order: $GPT2_DATA (a file), `<data_dir>/the-verdict.txt` (checked against its
+    SHA-256), a copy in ../shared/data (copied into data_dir), and finally the book's URL.
+    """
+    if os.environ.get("GPT2_DATA"):
+        return Path(os.environ["GPT2_DATA"])
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = data_dir / VERDICT_NAME
+    if path.is_file():
+        if _sha256(path.read_bytes()) != VERDICT_SHA256:
+            raise GPT2Error(f"{path} does not match The Verdict's SHA-256 ({VERDICT_SHA256[:12]}...); "
+                            "delete it to download it again, or pass --data FILE to train on your own text")
+        return path
+    if SHARED_VERDICT.is_file() and _sha256(SHARED_VERDICT.read_bytes()) == VERDICT_SHA256:
+        try:
+            _write_atomic(path, SHARED_VERDICT.read_bytes())
+            return path
+        except OSError:
+            return SHARED_VERDICT  # a read-only checkout: read the shared copy in place
+    if not download:
+        raise GPT2Error(_absent_message(path, "downloading is off"))
+    try:
+        with urllib.request.urlopen(VERDICT_URL, timeout=30) as response:
+            data = response.read()
+    except Exception as exc:  # URLError, timeouts, HTTP errors
+        reason = getattr(exc, "reason", exc)
+        raise GPT2Error(_absent_message(path, f"could not download it: {reason}")) from None
+    if _sha256(data) != VERDICT_SHA256:
+        raise GPT2Error(f"the download from {VERDICT_URL} does not match the expected SHA-256 "
+                        f"{VERDICT_SHA256[:12]}...; pass --data FILE to train on your own text")
+    _write_atomic(path, data)
+    return path
+
+
+def _absent_message(path: Path, why: str) -> str:
+    return (f"The Verdict is not in {path.parent} and {why}; either pass --data FILE (any UTF-8 text) "
+            f"or save the story as {path} (from {VERDICT_URL}, or copy ../shared/data/{VERDICT_NAME} "
+            "if you have it)")
+
+
+def load_text(path=None) -> str:
+    """The training text: the file at `path`, or The Verdict when `path` is None."""
+    return read_text(path if path is not None else verdict_path())
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and batches
+# ---------------------------------------------------------------------------------------------
+
+def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """Split by characters, as the book does: the first 90% for training, the rest for validation."""
+    if not 0.0 < train_ratio < 1.0:
+        raise GPT2Error(f"train_ratio must be in (0, 1), got {train_ratio}")
+    cut = int(train_ratio * len(text))
+    return text[:cut], text[cut:]
+
+
+class GPTDataset:
+    """Every window of `max_length` + 1 tokens, starting every `stride` tokens.
+
+    Window i starts at s_i = i * stride and gives
+        input  = ids[s_i     : s_i + max_length]
+        target = ids[s_i + 1 : s_i + max_length + 1]     (the same tokens, shifted by one)
+    Starts run while s_i < len(ids) - max_length, so the last target token exists. stride =
+    max_length gives non-overlapping windows (the book's choice for training, which avoids
+    showing the model the same tokens twice per epoch); a smaller stride gives overlapping ones.
+    """
+
+    def __init__(self, ids, max_length: int, stride: int):
+        for name, v in (("max_length", max_length), ("stride", stride)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise GPT2Error(f"{name} must be a positive integer, got {v!r}")
+        self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.max_length = int(max_length)
+        self.stride = int(stride)
+        if len(self.ids) <= self.max_length:
+            raise GPT2Error(f"the text has {len(self.ids)} tokens, too few for one window of "
+                            f"{self.max_length} + 1; use a longer text or a smaller --context-length")
+        self.starts = np.arange(0, len(self.ids) - self.max_length, self.stride)   # (N,)
+        self._offsets = np.arange(self.max_length + 1)                              # (T+1,)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """Windows `index` (an int array of shape (B,)) -> inputs, targets, each (B, T)."""
+        windows = self.ids[self.starts[index][:, None] + self._offsets]   # (B, T+1), one gather
+        return windows[:, :-1], windows[:, 1:]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.batch(np.array([i]))
+        return x[0], y[0]
+
+
+class DataLoader:
+    """Batches of windows, optionally shuffled, one epoch after another.
+
+    Iterating gives the rest of the current epoch, batch by batch, and then moves on to the next
+    epoch; a fresh `for` loop therefore continues where the last one stopped. The order of epoch
+    e is a permutation drawn from a generator seeded with (seed, e), so it depends on nothing
+    else: `state_dict()` (epoch, batch index, seed) is all a resumed run needs to see exactly the
+    batches an uninterrupted run would.
+
+    `drop_last` drops a final batch smaller than `batch_size` (the book does this for training,
+    so every step sees the same number of tokens).
+    """
+
+    def __init__(self, dataset: GPTDataset, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0):
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise GPT2Error(f"batch size must be a positive integer, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.epoch = 0        # the epoch being iterated
+        self.batch_index = 0  # the next batch of that epoch
+        if len(self) == 0:
+            raise GPT2Error(f"{len(dataset)} window(s) cannot fill one batch of {batch_size} with "
+                            "drop_last; use a smaller --batch-size or --context-length, or a longer text")
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = len(self.dataset), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.dataset.max_length
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window order of an epoch: 0..N-1, or a permutation seeded by (seed, epoch)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def batches(self, epoch: int | None = None, start: int = 0):
+        """The batches of `epoch` (default: the current one) from batch `start` on, without
+        touching the loader's position (evaluation uses this)."""
+        order = self.order(self.epoch if epoch is None else epoch)
+        for i in range(start, len(self)):
+            yield self.dataset.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def __iter__(self):
+        # The position moves *before* each batch is handed out, so a checkpoint saved while the
+        # caller works on it resumes with the next one (after the last batch: the next epoch).
+        for x, y in self.batches(self.epoch, self.batch_index):
+            self.batch_index += 1
+            if self.batch_index == len(self):
+                self.epoch, self.batch_index = self.epoch + 1, 0
+            yield x, y
+
+    # -- resuming ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
+                "shuffle": self.shuffle, "batch_size": self.batch_size, "num_windows": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_windows", len(self.dataset)) != len(self.dataset) or \
+                state.get("batch_size", self.batch_size) != self.batch_size:
+            raise GPT2Error("the saved data loader state is for different data or batch size "
+                            f"({state.get('num_windows')} windows, batch {state.get('batch_size')}; now "
+                            f"{len(self.dataset)} windows, batch {self.batch_size})")
+        if not 0 <= int(state["batch_index"]) < len(self):
+            raise GPT2Error(f"the saved data loader position {state['batch_index']} is outside the "
+                            f"{len(self)} batches of an epoch")
+        self.epoch = int(state["epoch"])
+        self.batch_index = int(state["batch_index"])
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state.get("shuffle", self.shuffle))
+
+
+def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                      tokenizer=None) -> DataLoader:
+    """Tokenize `text` and wrap it in a GPTDataset and a DataLoader (the book's create_dataloader_v1)."""
+    if tokenizer is None:
+        from .tokenizer import get_tokenizer  # noqa: PLC0415
+        tokenizer = get_tokenizer()
+    dataset = GPTDataset(tokenizer.encode(text), max_length, stride)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+
+
+def create_loaders(text: str, batch_size: int, max_length: int, stride: int | None = None,
+                   train_ratio: float = 0.9, seed: int = 0, tokenizer=None) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders over a 90/10 split by characters, as in the book's chapter 5:
+    training batches shuffled with drop_last, validation in order and complete."""
+    stride = max_length if stride is None else stride
+    train_text, val_text = split_text(text, train_ratio)
+    try:
+        train = create_dataloader(train_text, batch_size, max_length, stride, shuffle=True,
+                                  drop_last=True, seed=seed, tokenizer=tokenizer)
+    except GPT2Error as exc:
+        raise GPT2Error(f"training split ({train_ratio:.0%} of the text): {exc}") from None
+    try:
+        val = create_dataloader(val_text, batch_size, max_length, stride, shuffle=False,
+                                drop_last=False, seed=seed, tokenizer=tokenizer)
+    except GPT2Error as exc:
+        raise GPT2Error(f"validation split (the last {1 - train_ratio:.0%} of the text): {exc}") from None
+    return train, val

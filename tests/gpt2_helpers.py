@@ -1,0 +1,53 @@
+"""Helpers for the gpt2 tests: tiny models, a byte-level stand-in tokenizer, and skips for the
+material that may be missing offline (the GPT-2 vocabulary, The Verdict)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minigrad as mg
+from gpt2 import GPT2Error, GPTConfig, GPTModel
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=2, dropout=0.0,
+                qkv_bias=True, tie_embeddings=False)
+    return GPTConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPTModel:
+    mg.manual_seed(seed)
+    return GPTModel(tiny_config(**overrides))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): lets data and training tests run without tiktoken."""
+
+    n_vocab = 256
+    eot_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in np.asarray(ids).reshape(-1)).decode("utf-8", errors="replace")
+
+
+def tokenizer_or_skip():
+    from gpt2.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer()
+    except GPT2Error as exc:
+        pytest.skip(f"GPT-2 vocabulary not available offline (set TIKTOKEN_CACHE_DIR): {exc}")
+
+
+def verdict_or_skip():
+    """Path to The Verdict without downloading (data/, $GPT2_DATA or ../shared), else skip."""
+    from gpt2.data import verdict_path
+
+    try:
+        return verdict_path(download=False)
+    except GPT2Error as exc:
+        pytest.skip(f"The Verdict not available offline: {exc}")
