@@ -31,7 +31,14 @@ from gpt2.data import create_loaders, load_text
 from gpt2.generate import next_token
 from gpt2.plot import plot_losses
 from gpt2.tokenizer import get_tokenizer
-from gpt2.train import TrainConfig, TrainState, calc_loss_loader, make_optimizer, train
+from gpt2.train import (
+    TrainConfig,
+    TrainState,
+    calc_loss_loader,
+    make_optimizer,
+    pytorch_default_init_,
+    train,
+)
 from minigrad import functional as F
 
 QUICK = os.environ.get("GPT2_CHAPTER_QUICK", "") not in ("", "0")
@@ -51,6 +58,14 @@ print(f"mode: {'quick' if QUICK else 'full course run'}, backend {mg.get_backend
 #
 # Two helpers the book defines: text to a batch of one sequence of ids, and back. Generating
 # from random weights gives random tokens -- the baseline that training has to beat.
+#
+# The starting weights matter here. `GPTModel` draws GPT-2's initialisation (every matrix and
+# embedding normal(0, 0.02)); the book's model has no init of its own, so it starts from
+# PyTorch's layer defaults: embeddings normal(0, 1), linear layers uniform(+-1/sqrt(fan_in)).
+# With only 90 steps at a constant lr of 4e-4 that difference decides the run: from GPT-2's
+# tiny embeddings the loss stalls near 6 (the model only learns which tokens are frequent),
+# from the book's it memorises the story. (PyTorch, given the same weights, follows the same
+# two curves to three decimals.) So the course run re-draws the weights the book's way.
 
 # %%
 tokenizer = get_tokenizer()
@@ -66,6 +81,10 @@ def token_ids_to_text(ids):
 
 mg.manual_seed(123)
 model = GPTModel(config)
+pytorch_default_init_(model)   # the book's starting point (`--init book` on the command line)
+emb_std = float(model.tok_emb.weight.numpy().std())
+print(f"token embedding std {emb_std:.3f}")
+assert abs(emb_std - 1.0) < 0.05
 start_context = "Every effort moves you"
 ids = generate(model, text_to_token_ids(start_context), max_new_tokens=10)
 print("untrained:", token_ids_to_text(ids))
@@ -97,7 +116,7 @@ print("p(target):", target_probas.round(7))
 print(f"loss by hand {loss_by_hand:.4f}, F.cross_entropy {loss_lib:.4f}, "
       f"perplexity {math.exp(loss_lib):,.0f}, ln(50257) = {math.log(50257):.4f}")
 assert np.allclose(loss_by_hand, loss_lib)
-assert abs(loss_lib - math.log(50257)) < 0.5
+assert abs(loss_lib - math.log(50257)) < 1.5   # six tokens only: a rough estimate (section 4 uses all)
 
 # %% [markdown]
 # ## 3. The data: 90% for training, 10% for validation

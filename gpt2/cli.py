@@ -90,6 +90,9 @@ def _add_train(sub) -> None:
                    help="biases on the query/key/value projection (default: off)")
     g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="share the token embedding with the output head (default: untied)")
+    g.add_argument("--init", choices=["book", "gpt2"], default="book",
+                   help="weight initialisation: book = PyTorch's layer defaults, as LLMs from Scratch "
+                   "(the course run); gpt2 = GPT-2's normal(0, 0.02), better with warmup and a tied head")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
     t.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -353,7 +356,15 @@ def cmd_train(args) -> int:
     from .model import GPTModel  # noqa: PLC0415
     from .plot import plot_losses  # noqa: PLC0415
     from .tokenizer import get_tokenizer  # noqa: PLC0415
-    from .train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, total_steps  # noqa: PLC0415
+    from .train import (  # noqa: PLC0415
+        History,
+        NonFiniteError,
+        TrainConfig,
+        TrainState,
+        init_model_,
+        make_optimizer,
+        total_steps,
+    )
     from .train import train as run_training  # noqa: PLC0415
 
     # 0. Resuming: the run's own settings, with the few this command may change.
@@ -408,6 +419,7 @@ def cmd_train(args) -> int:
     if resume is None:
         mg.manual_seed(args.seed)
         model = GPTModel(config)
+        init_model_(model, args.init)               # "book" (the course run) or GPT-2's own
         optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
         state, history = TrainState(), History()   # filled in as training goes
     else:
@@ -436,6 +448,7 @@ def cmd_train(args) -> int:
     print(f"data: {data_path} ({len(text):,} characters, {n_tokens:,} tokens); train {len(train_loader)} "
           f"batches of {args.batch_size}x{config.context_length}, val {len(val_loader)}")
     print(f"training: {steps} steps, AdamW lr {args.lr:g}, weight decay {args.weight_decay:g}, "
+          f"{args.init} init, "
           f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
           f"in {out}/ (newest {args.keep} kept)")
     if resume is not None:

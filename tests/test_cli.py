@@ -47,7 +47,8 @@ def _error_line(capsys, code, argv, *fragments):
 TRAIN_FLAGS = ["--data", "--model", "--context-length", "--n-layers", "--n-heads", "--emb-dim", "--dropout",
                "--qkv-bias", "--no-qkv-bias", "--tie-embeddings", "--no-tie-embeddings", "--epochs",
                "--max-steps", "--batch-size", "--lr", "--weight-decay", "--eval-every", "--seed", "--backend",
-               "--out", "--eval-iter", "--grad-clip", "--warmup-steps", "--sample-prompt", "--overwrite"]
+               "--out", "--eval-iter", "--grad-clip", "--warmup-steps", "--sample-prompt", "--overwrite",
+               "--init"]
 GENERATE_FLAGS = ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                   "--seed", "--backend", "--pretrained", "--cache-dir", "--no-cache"]
 
@@ -68,6 +69,7 @@ def test_train_defaults_are_the_course_run():
         ("gpt2-124m", 256, 0.1, False, False)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.seed, args.eval_every) == \
         (4e-4, 0.1, 2, 10, 123, 5)
+    assert args.init == "book"   # PyTorch's layer defaults, as the book's model starts from
 
 
 def test_python_dash_m_gpt2_runs():

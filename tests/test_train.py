@@ -19,7 +19,9 @@ from gpt2.train import (
     TrainState,
     calc_loss_batch,
     calc_loss_loader,
+    init_model_,
     make_optimizer,
+    pytorch_default_init_,
     train,
 )
 from minigrad.optim import WarmupCosine
@@ -173,3 +175,29 @@ def test_loss_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(GPT2Error, match="no evaluations"):
         plot_losses(History(), tmp_path / "empty.png")
+
+
+def test_pytorch_default_init_is_the_books_starting_point():
+    model = tiny_model(vocab_size=256, emb_dim=64, n_heads=4, n_layers=2, context_length=32)
+    mg.manual_seed(5)
+    pytorch_default_init_(model)
+    tok = model.tok_emb.weight.numpy()
+    assert abs(tok.std() - 1.0) < 0.03 and abs(tok.mean()) < 0.03          # Embedding: normal(0, 1)
+    for layer, fan_in in ((model.blocks[0].mlp.fc, 64), (model.blocks[0].mlp.proj, 256), (model.head, 64)):
+        bound = 1 / np.sqrt(fan_in)          # Linear: uniform(+-1/sqrt(fan_in))
+        w = layer.weight.numpy()
+        assert np.abs(w).max() <= bound and abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound
+        if layer.bias is not None:
+            assert np.abs(layer.bias.numpy()).max() <= bound and np.abs(layer.bias.numpy()).max() > 0
+    assert (model.blocks[1].ln2.weight.numpy() == 1).all() and (model.ln_f.bias.numpy() == 0).all()
+    assert all(p.dtype == np.float32 for p in model.parameters())
+    again = tiny_model(vocab_size=256, emb_dim=64, n_heads=4, n_layers=2, context_length=32)
+    mg.manual_seed(5)
+    init_model_(again, "book")
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)           # seeded: reproducible
+    before = again.tok_emb.weight.numpy().copy()
+    init_model_(again, "gpt2")                                                # GPTModel's own: unchanged
+    np.testing.assert_array_equal(again.tok_emb.weight.numpy(), before)
+    with pytest.raises(GPT2Error, match="unknown init"):
+        init_model_(again, "xavier")
