@@ -20,7 +20,9 @@ def test_chapter_runs(chapter):
     path = REPO / "chapters" / chapter
     assert path.exists(), f"missing chapter {path}"
     result = subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+                            timeout=600, env={**os.environ, "MPLBACKEND": "Agg",
+                                                      # never download 548 MB of weights in a test
+                                                      "GPT2_OFFLINE": "1", "GPT2_CHAPTER_QUICK": "1"})
     assert result.returncode == 0, (f"{chapter} exited with {result.returncode}\n"
                                     f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
                                     f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
