@@ -31,6 +31,7 @@ from minigrad import nn
 from . import hf
 from .errors import GPT2Error
 from .model import GPTModel
+from .safeio import fsync_dir
 
 # name -> approximate size of model.safetensors (for the messages)
 PRETRAINED = {"gpt2": "548 MB", "gpt2-medium": "1.5 GB", "gpt2-large": "3.3 GB", "gpt2-xl": "6.4 GB"}
@@ -123,7 +124,7 @@ def download_file(url: str, dest: Path, progress: bool = True, hint: str = "") -
         if total is not None and got != total:
             raise GPT2Error(f"download of {url} stopped after {got:,} of {total:,} bytes; run again to retry")
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except GPT2Error:
         _remove(part)
         raise
@@ -143,20 +144,6 @@ def _one_line(text: str) -> str:
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def resolve(name_or_dir, cache_dir=None, progress: bool = True) -> Path:
@@ -370,4 +357,4 @@ def _write_atomic(dest: Path, write) -> None:
     except BaseException:
         _remove(part)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
