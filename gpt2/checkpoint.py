@@ -48,7 +48,7 @@ from minigrad import backend
 from . import safeio
 from .config import GPTConfig
 from .errors import GPT2Error
-from .model import GPTModel
+from .model import GPTModel, build_uninitialised
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -376,15 +376,9 @@ def _load(path, with_state: bool, optimizer: bool) -> Checkpoint:
                         f"{config.num_parameters():,} parameters, the file holds {numel:,}")
     weights = _read_safetensors(model_file, header)
     dtype = next(iter(weights.values())).dtype
-    # Build the skeleton in the saved dtype, without disturbing the caller's random generator
-    # (the random init is overwritten at once).
-    rng_state, default = mg.get_rng_state(), mg.get_default_dtype()
-    try:
-        mg.set_default_dtype(dtype)
-        model = GPTModel(config)
-    finally:
-        mg.set_default_dtype(default)
-        mg.set_rng_state(rng_state)
+    # A skeleton in the saved dtype: no random init (it would be overwritten at once), and the
+    # caller's random generator is not touched.
+    model = build_uninitialised(config, dtype)
     try:
         model.load_state_dict(weights)
     except (KeyError, ValueError) as exc:

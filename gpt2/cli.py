@@ -530,15 +530,7 @@ def cmd_generate(args) -> int:
     from .tokenizer import get_tokenizer  # noqa: PLC0415
 
     _positive("--max-new-tokens", args.max_new_tokens)
-    _finite("--temperature", args.temperature)
-    _finite("--top-p", args.top_p)
-    if args.temperature < 0:
-        raise GPT2Error(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise GPT2Error(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise GPT2Error(f"--top-p must be in (0, 1], got {args.top_p}")
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # one set of rules
     if args.cache_dir is not None and args.pretrained is None:
         raise GPT2Error("--cache-dir only applies to --pretrained")
     if not args.prompt:

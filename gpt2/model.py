@@ -174,6 +174,21 @@ class GPTModel(nn.Module):
         return F.linear(x, weight)                     # (B, T, V)
 
 
+def build_uninitialised(config: GPTConfig, dtype=None) -> GPTModel:
+    """GPTModel(config) whose parameters are placeholders, to be replaced at once by loaded
+    weights (`load_state_dict` or assigning `.data`). No random draws: for GPT-2 XL that saves
+    ~20 s and never holds two copies of the weights. `dtype` sets the parameters' dtype (default:
+    minigrad's default dtype)."""
+    previous = backend.get_default_dtype()
+    try:
+        if dtype is not None:
+            backend.set_default_dtype(dtype)
+        with backend.no_init():
+            return GPTModel(config)
+    finally:
+        backend.set_default_dtype(previous)
+
+
 def _check_ids(ids, config: GPTConfig):
     if isinstance(ids, mg.Tensor):
         ids = ids.data

@@ -30,7 +30,7 @@ from minigrad import nn
 
 from . import hf
 from .errors import GPT2Error
-from .model import GPTModel
+from .model import GPTModel, build_uninitialised
 from .safeio import fsync_dir
 
 # name -> approximate size of model.safetensors (for the messages)
@@ -272,36 +272,6 @@ def _load_dir(directory: Path, dtype) -> GPTModel:
             if isinstance(m, nn.LayerNorm):
                 m.eps = eps
     return model.eval()
-
-
-class _NoInit:
-    """Stands in for minigrad's random generator while a model is built only to be loaded into:
-    every 'random' array is a read-only zero-strided view (no memory, no time spent), and the
-    seeded generator is left untouched. Loading then replaces every parameter."""
-
-    def random(self, shape, dtype=None):
-        return self.normal(shape, dtype=dtype)
-
-    def normal(self, shape, std=1.0, dtype=None):
-        xp = mg_backend.xp
-        return xp.broadcast_to(xp.zeros((), dtype=dtype or mg_backend.default_dtype), shape)
-
-
-@contextlib.contextmanager
-def _no_init():
-    saved = mg_backend._rng
-    mg_backend._rng = _NoInit()
-    try:
-        yield
-    finally:
-        mg_backend._rng = saved
-
-
-def build_uninitialised(config) -> GPTModel:
-    """GPTModel(config) without GPT-2's random initialisation (its parameters are placeholders to
-    be assigned): for GPT-2 XL that saves ~20 s and never holds two copies of the weights."""
-    with _no_init():
-        return GPTModel(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ a run reproducible and a checkpoint can save and restore the generator exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -55,7 +56,6 @@ def set_backend(name: str) -> None:
         xp, _name = _load_cupy(), "cupy"
     else:
         raise BackendError(f"unknown backend {name!r}; choose 'numpy' or 'cupy'")
-    _rng.reset_for_backend()
 
 
 def get_backend() -> str:
@@ -121,9 +121,6 @@ class RandomGenerator:
         self._draws = 0
         self._np = np.random.Generator(np.random.PCG64(self._seed))
 
-    def reset_for_backend(self) -> None:
-        pass  # the state is backend-independent; draws are made on whichever backend is active
-
     def _cupy_gen(self):
         self._draws += 1
         return xp.random.default_rng(np.random.SeedSequence([self._seed, self._draws]).generate_state(1)[0])
@@ -163,6 +160,31 @@ def manual_seed(seed: int) -> None:
 
 def rng() -> RandomGenerator:
     return _rng
+
+
+class _NoInitGenerator:
+    """Stands in for the generator inside `no_init()`: every 'random' array is a read-only
+    zero-strided view (no memory, no time), and the real generator's stream is left untouched."""
+
+    def random(self, shape, dtype=None):
+        return self.normal(shape, dtype=dtype)
+
+    def normal(self, shape, std=1.0, dtype=None):
+        return xp.broadcast_to(xp.zeros((), dtype=dtype or default_dtype), shape)
+
+
+@contextlib.contextmanager
+def no_init():
+    """Build modules without drawing their random initial weights, for a model that is about to
+    have every parameter replaced by loaded ones (a checkpoint, OpenAI's weights). Saves the
+    time of the random draws and the memory of a second copy of the weights, and leaves the
+    seeded generator exactly where it was. The placeholders are read-only: load before use."""
+    global _rng
+    saved, _rng = _rng, _NoInitGenerator()
+    try:
+        yield
+    finally:
+        _rng = saved
 
 
 def get_rng_state() -> dict:

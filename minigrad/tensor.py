@@ -134,10 +134,9 @@ class Tensor:
         return backend.to_numpy(self.data)
 
     def item(self) -> float:
-        return float(self.numpy().reshape(-1)[0]) if self.size == 1 else self._not_scalar()
-
-    def _not_scalar(self):
-        raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return float(self.numpy().reshape(-1)[0])
 
     def detach(self) -> Tensor:
         return Tensor(self.data)
