@@ -530,7 +530,9 @@ def cmd_generate(args) -> int:
     from .tokenizer import get_tokenizer  # noqa: PLC0415
 
     _positive("--max-new-tokens", args.max_new_tokens)
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # one set of rules
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        names={name: "--" + name.replace("_", "-") for name in
+                               ("max_new_tokens", "temperature", "top_k", "top_p")})
     if args.cache_dir is not None and args.pretrained is None:
         raise GPT2Error("--cache-dir only applies to --pretrained")
     if not args.prompt:

@@ -20,15 +20,19 @@ from minigrad import backend
 from .errors import GPT2Error
 
 
-def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, names=None) -> None:
+    """Reject nonsense sampling settings with a GPT2Error. `names` maps each argument to the name
+    the message should use (the CLI passes its flags, e.g. {"top_p": "--top-p"})."""
+    n = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k",
+         "top_p": "top_p", **(names or {})}
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise GPT2Error(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise GPT2Error(f"{n['max_new_tokens']} must be an integer >= 0, got {max_new_tokens!r}")
     if temperature is None or not np.isfinite(temperature) or temperature < 0:
-        raise GPT2Error(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+        raise GPT2Error(f"{n['temperature']} must be >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise GPT2Error(f"top_k must be a positive integer, got {top_k!r}")
+        raise GPT2Error(f"{n['top_k']} must be a positive integer, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise GPT2Error(f"top_p must be in (0, 1], got {top_p!r}")
+        raise GPT2Error(f"{n['top_p']} must be in (0, 1], got {top_p!r}")
 
 
 def next_token(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
