@@ -125,3 +125,18 @@ def test_bogus_env_var_fails_clearly():
     assert bad.returncode != 0
     assert "BackendError" in bad.stderr
     assert "unknown backend 'bogus'" in bad.stderr and "'numpy'" in bad.stderr
+
+
+def test_no_init_draws_nothing_and_leaves_the_generator_alone():
+    mg.manual_seed(7)
+    expected = mg.nn.Linear(4, 3).weight.numpy()      # what the next draw should give
+    mg.manual_seed(7)
+    state = mg.get_rng_state()
+    with mg.backend.no_init():
+        skeleton = mg.nn.Linear(4, 3)
+    assert mg.get_rng_state() == state
+    w = skeleton.weight.numpy()
+    assert w.shape == (3, 4) and np.all(w == w.flat[0])   # a constant placeholder, nothing random
+    skeleton.load_state_dict({"weight": np.ones((3, 4)), "bias": np.zeros(3)})
+    assert skeleton.weight.data.flags.writeable and skeleton.weight.numpy().sum() == 12
+    np.testing.assert_array_equal(mg.nn.Linear(4, 3).weight.numpy(), expected)
