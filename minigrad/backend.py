@@ -19,6 +19,7 @@ import numpy as np
 
 xp = np  # the array module in use: numpy or cupy
 _name = "numpy"
+_cupy = None  # the CuPy module, once the cupy backend has been selected
 default_dtype = np.float32
 
 CUPY_INSTALL_HINT = (
@@ -31,9 +32,16 @@ class BackendError(RuntimeError):
     """The requested backend cannot be used here (unknown name, CuPy missing, no GPU)."""
 
 
+def _import_cupy():
+    """`import cupy`, in one place (the tests swap in a strict CPU stand-in for CuPy here)."""
+    import cupy  # noqa: PLC0415 - imported only when asked for
+
+    return cupy
+
+
 def _load_cupy():
     try:
-        import cupy  # noqa: PLC0415 - imported only when asked for
+        cupy = _import_cupy()
     except Exception as exc:  # ImportError, or a CUDA library failing to load
         raise BackendError(f"backend 'cupy' needs CuPy, which could not be imported ({exc}); "
                            f"{CUPY_INSTALL_HINT}") from None
@@ -49,11 +57,12 @@ def _load_cupy():
 
 def set_backend(name: str) -> None:
     """Select "numpy" (CPU) or "cupy" (GPU) for every array created from now on."""
-    global xp, _name
+    global xp, _name, _cupy
     if name == "numpy":
         xp, _name = np, "numpy"
     elif name == "cupy":
         xp, _name = _load_cupy(), "cupy"
+        _cupy = xp
     else:
         raise BackendError(f"unknown backend {name!r}; choose 'numpy' or 'cupy'")
 
@@ -81,7 +90,10 @@ def get_default_dtype():
 # ---------------------------------------------------------------------------------------------
 
 def is_cupy_array(a) -> bool:
-    return type(a).__module__.startswith("cupy")
+    """Is `a` a CuPy (device) array? Only possible once the cupy backend has been selected."""
+    if _cupy is not None:
+        return isinstance(a, _cupy.ndarray)
+    return type(a).__module__.startswith("cupy")  # a CuPy array made outside minigrad
 
 
 def to_numpy(a) -> np.ndarray:

@@ -1,25 +1,56 @@
 """Shared pytest fixtures.
 
-`backend`: run a test once on NumPy and once on CuPy (the CuPy run is skipped cleanly where CuPy or
-a GPU is missing). Every test also starts from minigrad seed 0 and ends with float32 as the default
-dtype, so no test depends on what ran before it.
+`backend`: run a test once on NumPy and once on CuPy. Where CuPy cannot use a real GPU (every
+CI machine), the CuPy run uses the strict CPU stand-in in `tests/cupy_standin/` instead of
+skipping: same project code, CuPy's rules, the same kernel sources compiled for the CPU. With a
+real GPU, the real CuPy is used. Every test also starts from minigrad seed 0 and ends with
+float32 as the default dtype, so no test depends on what ran before it.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minigrad
 
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import cupy_standin  # noqa: E402
+
+
+def _real_gpu() -> bool:
+    """Can the real CuPy use a GPU here? (Set MINIGRAD_TEST_STANDIN=1 to use the stand-in anyway.)"""
+    if os.environ.get("MINIGRAD_TEST_STANDIN") == "1":
+        return False
+    try:
+        minigrad.set_backend("cupy")
+    except minigrad.BackendError:
+        return False
+    finally:
+        minigrad.set_backend("numpy")
+    return True
+
+
+REAL_GPU = _real_gpu()
+if not REAL_GPU:
+    cupy_standin.install()
+
+
+def cupy_is_standin() -> bool:
+    return not REAL_GPU
+
 
 @pytest.fixture(params=["numpy", "cupy"])
 def backend(request):
     """The name of the active backend; numpy is restored afterwards."""
-    try:
-        minigrad.set_backend(request.param)
-    except minigrad.BackendError:
-        pytest.skip("CuPy/GPU not available")
+    minigrad.set_backend(request.param)
     try:
         yield request.param
     finally:
@@ -33,3 +64,32 @@ def _reset_minigrad_state():
     yield
     minigrad.manual_seed(0)
     minigrad.set_default_dtype(np.float32)
+
+
+class _CupyWithoutGpu:
+    """What `import cupy` gives on a machine with CuPy but no usable GPU: device calls raise."""
+
+    class cuda:  # noqa: N801
+        class runtime:  # noqa: N801
+            @staticmethod
+            def getDeviceCount():  # noqa: N802
+                raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+
+@pytest.fixture(params=["not installed", "no GPU"])
+def cupy_unusable(request, monkeypatch):
+    """Make `set_backend("cupy")` fail as it does without CuPy, or with CuPy but no GPU."""
+    if request.param == "not installed":
+        def missing():
+            raise ModuleNotFoundError("No module named 'cupy'")
+        monkeypatch.setattr(minigrad.backend, "_import_cupy", missing)
+    else:
+        monkeypatch.setattr(minigrad.backend, "_import_cupy", lambda: _CupyWithoutGpu)
+    return request.param
+
+
+@pytest.fixture
+def cupy_not_installed(monkeypatch):
+    def missing():
+        raise ModuleNotFoundError("No module named 'cupy'")
+    monkeypatch.setattr(minigrad.backend, "_import_cupy", missing)

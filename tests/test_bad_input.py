@@ -31,13 +31,6 @@ STORY = ("I HAD always thought Jack Gisburn rather a cheap genius--though a good
 TINY = ["--n-layers", "1", "--n-heads", "2", "--emb-dim", "16", "--context-length", "16"]
 
 
-def _cupy_missing() -> bool:
-    try:
-        mg.set_backend("cupy")
-    except mg.BackendError:
-        return True
-    mg.set_backend("numpy")
-    return False
 
 
 @pytest.fixture
@@ -147,9 +140,8 @@ def test_train_rejects_bad_flags(tmp_path, files, capsys, flags, fragments):
     assert not out.exists()
 
 
-@pytest.mark.skipif(not _cupy_missing(), reason="CuPy and a GPU are available here")
 @pytest.mark.parametrize("command", ["train", "generate"])
-def test_missing_cuda_is_one_line_with_the_install_hint(tmp_path, files, capsys, command):
+def test_missing_cuda_is_one_line_with_the_install_hint(tmp_path, files, capsys, command, cupy_not_installed):
     if command == "train":
         argv = ["train", "--data", str(files["story"]), *TINY, "--out", str(tmp_path / "o"),
                 "--backend", "cupy"]
@@ -160,7 +152,7 @@ def test_missing_cuda_is_one_line_with_the_install_hint(tmp_path, files, capsys,
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_and_missing_backends_in_functions(tmp_path):
+def test_unknown_and_missing_backends_in_functions(tmp_path, cupy_not_installed):
     with pytest.raises(mg.BackendError, match="unknown backend 'tpu'"):
         mg.set_backend("tpu")
     assert mg.get_backend() == "numpy"
@@ -169,10 +161,9 @@ def test_unknown_and_missing_backends_in_functions(tmp_path):
         load_pretrained(tmp_path / "hf", backend="tpu")
     with pytest.raises(GPT2Error, match="dtype must be one of"):
         load_pretrained(tmp_path / "hf", dtype="int8")
-    if _cupy_missing():
-        with pytest.raises(GPT2Error, match="pip install"):
-            load_pretrained(tmp_path / "hf", backend="cupy")
-        assert mg.get_backend() == "numpy"
+    with pytest.raises(GPT2Error, match="pip install"):
+        load_pretrained(tmp_path / "hf", backend="cupy")
+    assert mg.get_backend() == "numpy"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from gpt2.checkpoint import is_checkpoint, load_checkpoint, load_model, save_che
 from gpt2.train import TrainState, make_optimizer
 from minigrad import functional as F
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _train_steps(model, opt, n, seed=0):
     rng = np.random.default_rng(seed)

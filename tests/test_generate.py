@@ -6,18 +6,23 @@ import numpy as np
 import pytest
 from gpt2_helpers import tiny_model
 
+import minigrad as mg
 from gpt2 import GPT2Error, generate
 from gpt2.generate import next_token
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
 
-@pytest.fixture(scope="module")
-def model():
+
+@pytest.fixture
+def model(backend):
+    """Built on the backend under test (weights live where the computation runs)."""
     m = tiny_model(seed=3, vocab_size=50, context_length=12, emb_dim=16, n_heads=2, n_layers=2,
                    dropout=0.1)
     # Larger weights than GPT-2's init make the next-token distribution far from uniform.
     rng = np.random.default_rng(0)
     for p in m.parameters():
-        p.data = p.data + np.float32(0.3) * rng.standard_normal(p.shape).astype(np.float32)
+        p.data = p.data + mg.backend.asarray(0.3 * rng.standard_normal(p.shape), dtype=np.float32)
     return m
 
 

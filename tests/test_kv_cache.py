@@ -17,6 +17,9 @@ from gpt2.errors import GPT2Error
 from gpt2.generate import generate
 from gpt2.model import GPTModel
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
+
 CTX = 12
 
 
@@ -36,7 +39,7 @@ def naive_greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
     with mg.no_grad():
         for _ in range(n):
             logits = model(ids[:, -model.config.context_length:]).data[:, -1]
-            ids = np.concatenate([ids, logits.argmax(-1)[:, None]], axis=1)
+            ids = np.concatenate([ids, mg.to_numpy(logits.argmax(-1))[:, None]], axis=1)
     return ids
 
 
@@ -110,12 +113,12 @@ def test_cached_logits_equal_full_forward_logits():
     model = make_model().eval()
     ids = prompt(2, CTX)
     with mg.no_grad():
-        full = model(ids).data
+        full = model(ids).numpy()
         cache = model.new_cache(2)
-        steps = [model(ids[:, :5], cache).data]
+        steps = [model(ids[:, :5], cache).numpy()]
         assert cache.length == 5
         for t in range(5, CTX):
-            steps.append(model(ids[:, t:t + 1], cache).data)
+            steps.append(model(ids[:, t:t + 1], cache).numpy())
         assert cache.length == CTX
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-12)
 
@@ -125,9 +128,9 @@ def test_chunked_prefill():
     model = make_model().eval()
     ids = prompt(1, CTX)
     with mg.no_grad():
-        full = model(ids).data
+        full = model(ids).numpy()
         cache = model.new_cache(1)
-        parts = [model(ids[:, a:b], cache).data for a, b in ((0, 3), (3, 4), (4, 9), (9, CTX))]
+        parts = [model(ids[:, a:b], cache).numpy() for a, b in ((0, 3), (3, 4), (4, 9), (9, CTX))]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=0, atol=1e-12)
 
 

@@ -11,6 +11,9 @@ from gpt2 import GPT2Error, GPTModel, config_for, course_config
 from gpt2.model import model_memory_bytes
 from minigrad import functional as F
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
+
 # ---------------------------------------------------------------------------------------------
 # parameter counts
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +77,7 @@ def test_whole_model_gradcheck_float64(tie):
     # Larger weights than GPT-2's 0.02 make every path matter in the finite differences.
     rng = np.random.default_rng(1)
     for p in model.parameters():
-        p.data = p.data + 0.3 * rng.standard_normal(p.shape)
+        p.data = p.data + mg.backend.asarray(0.3 * rng.standard_normal(p.shape))
     model.eval()   # dropout off (it is 0 anyway): the function must be deterministic
     ids = rng.integers(0, 13, size=(2, 5))
     targets = rng.integers(0, 13, size=(2, 5))
@@ -121,8 +124,8 @@ def test_dropout_in_train_mode_only():
 def test_same_seed_same_weights():
     a, b = tiny_model(seed=5), tiny_model(seed=5)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
-    assert not np.array_equal(a.tok_emb.weight.data, tiny_model(seed=6).tok_emb.weight.data)
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
+    assert not np.array_equal(a.tok_emb.weight.numpy(), tiny_model(seed=6).tok_emb.weight.numpy())
 
 
 def test_gpt2_initialisation():

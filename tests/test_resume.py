@@ -37,6 +37,9 @@ from gpt2.cli import main
 from gpt2.data import create_loaders
 from gpt2.train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, train
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
+
 REPO = Path(__file__).resolve().parent.parent
 CKPT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
 
@@ -173,8 +176,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, k):
 
     _assert_equal_arrays(_weights(model), _weights(ckpt.model))
     for st_a, st_b in zip(opt.state, opt3.state):
-        _assert_equal_arrays({k_: np.asarray(v) for k_, v in st_a.items()},
-                             {k_: np.asarray(v) for k_, v in st_b.items()})
+        _assert_equal_arrays({k_: mg.to_numpy(v) for k_, v in st_a.items()},
+                             {k_: mg.to_numpy(v) for k_, v in st_b.items()})
     assert opt.step_count == opt3.step_count == n
     assert _losses(history3.to_dict()) == _losses(full.to_dict())
     assert mg.get_rng_state() == rng_after                 # the dropout generator, too

@@ -26,6 +26,9 @@ from gpt2.train import (
 )
 from minigrad.optim import WarmupCosine
 
+# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
+pytestmark = pytest.mark.usefixtures("backend")
+
 # A short made-up text; bytes are the tokens (vocabulary 256).
 TEXT = ("Every effort moves you closer to the end of the story. " * 3 +
         "Jack Gisburn had given up painting, and married a rich widow. ") * 2
@@ -164,7 +167,7 @@ def test_resumed_run_matches_an_uninterrupted_one():
     mg.set_rng_state(rng)
     train(model2, train3, val3, opt3, cfg, state=state, history=history)
     for (name, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
     assert history.steps == full.steps and history.train_losses == full.train_losses
 
 
@@ -195,7 +198,7 @@ def test_pytorch_default_init_is_the_books_starting_point():
     mg.manual_seed(5)
     init_model_(again, "book")
     for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=name)           # seeded: reproducible
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)           # seeded: reproducible
     before = again.tok_emb.weight.numpy().copy()
     init_model_(again, "gpt2")                                                # GPTModel's own: unchanged
     np.testing.assert_array_equal(again.tok_emb.weight.numpy(), before)
