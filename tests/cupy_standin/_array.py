@@ -185,9 +185,6 @@ class ndarray:  # noqa: N801 - named as in CuPy
     def __int__(self):
         return int(self._a)
 
-    def __index__(self):
-        return operator.index(self._a)
-
     def __complex__(self):
         return complex(self._a)
 
@@ -254,7 +251,8 @@ for _name, _op in [("add", operator.add), ("sub", operator.sub), ("mul", operato
                    ("rshift", operator.rshift)]:
     setattr(ndarray, f"__{_name}__", _binary(_op))
     setattr(ndarray, f"__r{_name}__", _binary(_op, reflected=True))
-    setattr(ndarray, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
+    if _name != "matmul":  # CuPy has no in-place @=
+        setattr(ndarray, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
 for _name, _op in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge),
                    ("eq", operator.eq), ("ne", operator.ne)]:
     setattr(ndarray, f"__{_name}__", _binary(_op))
