@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import inspect
 import os
+import tempfile
 from pathlib import Path
 
 import cupy_standin as cps
@@ -23,9 +24,8 @@ import pytest
 from cupy_standin import _array, _kernels, _signatures
 
 import minigrad as mg
-from minigrad import Tensor
+from minigrad import Tensor, kernels
 from minigrad import functional as F
-from minigrad import kernels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,8 @@ def real_cupy():
     """The installed real CuPy (imported without a GPU; nothing here touches a device)."""
     if importlib.util.find_spec("cupy") is None:
         pytest.skip('real CuPy is not installed (pip install -e ".[gpu-check]")')
-    os.environ.setdefault("CUPY_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "minigrad-cupy-cache"))
+    # importing CuPy writes ~/.cupy unless told otherwise
+    os.environ.setdefault("CUPY_CACHE_DIR", str(Path(tempfile.gettempdir()) / "minigrad-cupy-cache"))
     import cupy  # noqa: PLC0415
 
     return cupy
@@ -143,7 +144,8 @@ def test_every_cupy_name_the_project_uses_is_in_the_stand_in():
     used = _xp_names_used()
     assert {"zeros", "asarray", "ElementwiseKernel"} <= set(used)  # the scan does find them
     missing = {name: sorted(where) for name, where in used.items() if not hasattr(cps, name)}
-    assert not missing, f"the project uses cupy names the stand-in lacks (add them, checked against CuPy): {missing}"
+    assert not missing, f"the project uses cupy names the stand-in lacks (add them, checked against CuPy): " \
+                        f"{missing}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +170,8 @@ def test_no_implicit_conversion_to_the_host():
 def test_mixing_host_arrays_into_device_operations_raises():
     x, h = _x(), np.ones(3, dtype=np.float32)
     for op in (lambda: x + h, lambda: h + x, lambda: x * h, lambda: np.add(x, h), lambda: cps.add(x, h),
-               lambda: cps.concatenate([x, h[None]]), lambda: cps.matmul(x, h), lambda: cps.where(h > 0, x, 0)):
+               lambda: cps.concatenate([x, h[None]]), lambda: cps.matmul(x, h),
+               lambda: cps.where(h > 0, x, 0)):
         with pytest.raises(TypeError, match="Unsupported type"):
             op()
     with pytest.raises(TypeError):
@@ -278,7 +281,8 @@ def test_every_project_kernel_ran_on_the_stand_in(dtype):
         p = mg.nn.Parameter(np.ones(8, dtype))
         p.grad = mg.backend.asarray(np.ones(8, dtype))
         mg.optim.AdamW([p], lr=1e-3).step()
-        defined = {n: k for n, k in vars(ks).items() if isinstance(k, (cps.ElementwiseKernel, cps.ReductionKernel))}
+        defined = {n: k for n, k in vars(ks).items()
+                   if isinstance(k, (cps.ElementwiseKernel, cps.ReductionKernel))}
         assert defined and all(k.calls for k in defined.values()), \
             sorted(n for n, k in defined.items() if not k.calls)
     finally:

@@ -20,7 +20,6 @@ def main() -> None:
     # minigrad reads MINIGRAD_BACKEND when imported; hold it back until the stand-in is in place.
     wanted = os.environ.pop("MINIGRAD_BACKEND", None)
     import cupy_standin  # noqa: PLC0415
-
     import minigrad  # noqa: PLC0415
 
     cupy_standin.install()
