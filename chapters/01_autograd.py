@@ -30,9 +30,9 @@ import numpy as np
 import minigrad as mg
 from minigrad import F, Tensor, nn, optim
 
-# The arrays in this chapter are tiny, so it runs on the CPU (NumPy) backend whatever
-# MINIGRAD_BACKEND says; later chapters are where a GPU (CuPy) pays off.
-mg.set_backend("numpy")
+# minigrad computes on NumPy unless MINIGRAD_BACKEND=cupy says CuPy (a GPU). The arrays in this
+# chapter are tiny, so the CPU is the natural place; the chapter runs the same on either, and
+# `Tensor.numpy()` brings a result back to the host wherever it lives.
 mg.manual_seed(0)
 np.set_printoptions(precision=4, suppress=True)
 
@@ -228,7 +228,7 @@ tL = ((tw * tx + tb).tanh() - target) ** 2
 tL.backward()
 print(f"minigrad:     L = {tL.item():.6f}   dL/dw = {tw.grad.item():.6f}   dL/dx = {tx.grad.item():.6f}   "
       f"dL/db = {tb.grad.item():.6f}")
-assert np.allclose([tw.grad, tx.grad, tb.grad], [dL_dw, dL_dx, dL_db], rtol=1e-12)
+assert np.allclose([tw.grad.item(), tx.grad.item(), tb.grad.item()], [dL_dw, dL_dx, dL_db], rtol=1e-12)
 
 # %% [markdown]
 # ### Broadcasting
@@ -247,7 +247,9 @@ print("col * 10 + row =\n", grid.numpy())
 grid.sum().backward()
 print("d sum / d col =", col.grad.ravel(), " (each element of col was used 4 times, times 10)")
 print("d sum / d row =", row.grad, "      (each element of row was used 3 times)")
-assert np.array_equal(col.grad, np.full((3, 1), 40.0)) and np.array_equal(row.grad, np.full(4, 3.0))
+# (gradients live where the tensors do, on the GPU under CuPy: mg.to_numpy brings them to the host)
+assert np.array_equal(mg.to_numpy(col.grad), np.full((3, 1), 40.0))
+assert np.array_equal(mg.to_numpy(row.grad), np.full(4, 3.0))
 
 # %% [markdown]
 # ### Matrix products
@@ -266,7 +268,7 @@ B = Tensor(B_np, requires_grad=True, dtype=np.float64)
 C = A @ B
 C.backward(G_np)
 print("dL/dA =\n", A.grad)
-assert np.allclose(A.grad, G_np @ B_np.T) and np.allclose(B.grad, A_np.T @ G_np)
+assert np.allclose(mg.to_numpy(A.grad), G_np @ B_np.T) and np.allclose(mg.to_numpy(B.grad), A_np.T @ G_np)
 print("matches G B^T and A^T G")
 
 # %% [markdown]
@@ -310,9 +312,9 @@ y_fused.backward(g_np)
 y_comp.backward(g_np)
 print("softmax rows sum to", y_fused.numpy().sum(axis=-1))
 print("max |value difference|    :", np.abs(y_fused.numpy() - y_comp.numpy()).max())
-print("max |gradient difference| :", np.abs(x_fused.grad - x_comp.grad).max())
+print("max |gradient difference| :", float(abs(x_fused.grad - x_comp.grad).max()))
 assert np.allclose(y_fused.numpy(), y_comp.numpy(), rtol=1e-12, atol=1e-14)
-assert np.allclose(x_fused.grad, x_comp.grad, rtol=1e-12, atol=1e-14)
+assert np.allclose(mg.to_numpy(x_fused.grad), mg.to_numpy(x_comp.grad), rtol=1e-12, atol=1e-14)
 
 # %% [markdown]
 # The same is true for every fused op in `minigrad.functional` (linear, GELU, layer norm,
@@ -328,7 +330,7 @@ for name, op in [("fused", F.layer_norm), ("composed", mg.composed.layer_norm)]:
     lx, lw, lb = (Tensor(v.copy(), requires_grad=True, dtype=np.float64) for v in (xs, ws, bs))
     out = op(lx, lw, lb)
     out.backward(gs)
-    grads[name] = (out.numpy(), lx.grad, lw.grad, lb.grad)
+    grads[name] = (out.numpy(), *(mg.to_numpy(t.grad) for t in (lx, lw, lb)))
 for label, u, v in zip(["y", "dx", "dweight", "dbias"], grads["fused"], grads["composed"]):
     print(f"layer norm {label:8s} max |fused - composed| = {np.abs(u - v).max():.2e}")
     assert np.allclose(u, v, rtol=1e-10, atol=1e-12)

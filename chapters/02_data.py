@@ -23,7 +23,6 @@ from gpt2.data import DataLoader, GPTDataset, create_dataloader, load_text, spli
 from gpt2.tokenizer import get_tokenizer
 from minigrad import F, nn
 
-mg.set_backend("numpy")
 np.set_printoptions(precision=4, suppress=True)
 
 # %% [markdown]

@@ -24,7 +24,6 @@ from gpt2 import GPTConfig
 from gpt2.model import CausalSelfAttention
 from minigrad import F
 
-mg.set_backend("numpy")
 np.set_printoptions(precision=4, suppress=True)
 
 
@@ -104,7 +103,7 @@ masked_simple /= masked_simple.sum(axis=-1, keepdims=True)
 masked_inf = softmax(np.where(mask, -np.inf, scores))
 print(masked_inf)
 assert np.allclose(masked_simple, masked_inf)
-assert np.array_equal(F.causal_mask(T, T), mask)
+assert np.array_equal(mg.to_numpy(F.causal_mask(T, T)), mask)
 
 causal_context = masked_inf @ values
 lib = F.scaled_dot_product_attention(mg.Tensor(queries), mg.Tensor(keys), mg.Tensor(values), causal=True)
@@ -154,7 +153,7 @@ heads = []
 for h in range(H):                                      # one head at a time, as the book's wrapper
     cols = slice(h * D, (h + 1) * D)
     s = q_all[..., cols] @ k_all[..., cols].transpose(0, 2, 1) / math.sqrt(D)   # (B, T, T)
-    heads.append(softmax(np.where(F.causal_mask(T, T), -np.inf, s)) @ v_all[..., cols])
+    heads.append(softmax(np.where(mg.to_numpy(F.causal_mask(T, T)), -np.inf, s)) @ v_all[..., cols])
 by_loop = np.concatenate(heads, axis=-1) @ W_o.T + b_o   # (B, T, C)
 
 # %% [markdown]
@@ -167,7 +166,7 @@ def split_heads(a):
 
 
 s = split_heads(q_all) @ split_heads(k_all).transpose(0, 1, 3, 2) / math.sqrt(D)       # (B, H, T, T)
-y = softmax(np.where(F.causal_mask(T, T), -np.inf, s)) @ split_heads(v_all)            # (B, H, T, D)
+y = softmax(np.where(mg.to_numpy(F.causal_mask(T, T)), -np.inf, s)) @ split_heads(v_all)  # (B, H, T, D)
 batched = y.transpose(0, 2, 1, 3).reshape(B, T, C) @ W_o.T + b_o
 
 library = attn(mg.Tensor(batch)).numpy()

@@ -25,7 +25,6 @@ from gpt2.model import MLP, Block, model_memory_bytes
 from gpt2.tokenizer import get_tokenizer
 from minigrad import F, nn
 
-mg.set_backend("numpy")
 np.set_printoptions(precision=4, suppress=True)
 
 # %% [markdown]

@@ -41,6 +41,8 @@ def _real_gpu() -> bool:
 REAL_GPU = _real_gpu()
 if not REAL_GPU:
     cupy_standin.install()
+# For tests that start processes: run them through tests/cupy_standin/run.py when "standin".
+os.environ["MINIGRAD_TEST_CUPY"] = "real" if REAL_GPU else "standin"
 
 
 def cupy_is_standin() -> bool:

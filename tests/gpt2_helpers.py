@@ -3,6 +3,10 @@ material that may be missing offline (the GPT-2 vocabulary, The Verdict)."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -51,3 +55,14 @@ def verdict_or_skip():
         return verdict_path(download=False)
     except GPT2Error as exc:
         pytest.skip(f"The Verdict not available offline: {exc}")
+
+
+STANDIN_RUN = Path(__file__).resolve().parent / "cupy_standin" / "run.py"
+
+
+def python_for(backend: str) -> list[str]:
+    """The command that starts Python for a subprocess on `backend`: plain Python, or (for cupy
+    where no GPU is usable) Python through the CuPy stand-in's runner."""
+    if backend == "cupy" and os.environ.get("MINIGRAD_TEST_CUPY", "standin") == "standin":
+        return [sys.executable, str(STANDIN_RUN)]
+    return [sys.executable]

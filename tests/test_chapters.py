@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from gpt2_helpers import python_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,12 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = ["01_autograd.py", "03_attention.py", "06_pretrained.py"]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_runs(chapter):
+def test_chapter_runs(chapter, backend):
+    """Each chapter on NumPy and with MINIGRAD_BACKEND=cupy (the CuPy stand-in without a GPU)."""
     path = REPO / "chapters" / chapter
     assert path.exists(), f"missing chapter {path}"
-    result = subprocess.run([sys.executable, str(path)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "MPLBACKEND": "Agg",
+    result = subprocess.run([*python_for(backend), str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "MPLBACKEND": "Agg", "MINIGRAD_BACKEND": backend,
                                                       # never download 548 MB of weights in a test
                                                       "GPT2_OFFLINE": "1", "GPT2_CHAPTER_QUICK": "1"})
     assert result.returncode == 0, (f"{chapter} exited with {result.returncode}\n"

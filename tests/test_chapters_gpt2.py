@@ -9,34 +9,36 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from gpt2_helpers import tokenizer_or_skip, verdict_or_skip
+from gpt2_helpers import python_for, tokenizer_or_skip, verdict_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(chapter, tmp_path, timeout, **env):
+def _run(chapter, tmp_path, timeout, backend="numpy", **env):
     tokenizer_or_skip()
     verdict_or_skip()
-    result = subprocess.run([sys.executable, str(REPO / "chapters" / chapter)], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout,
-                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path), **env})
+    result = subprocess.run([*python_for(backend), str(REPO / "chapters" / chapter)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path),
+                                 "MINIGRAD_BACKEND": backend, **env})
     assert result.returncode == 0, (f"{chapter} exited with {result.returncode}\n--- stdout (tail) ---\n"
                                     f"{result.stdout[-3000:]}\n--- stderr (tail) ---\n"
                                     f"{result.stderr[-3000:]}")
     return result.stdout
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
 @pytest.mark.parametrize("chapter", ["02_data.py", "04_gpt_model.py"])
-def test_chapter_runs(chapter, tmp_path):
-    _run(chapter, tmp_path, timeout=300)
+def test_chapter_runs(chapter, tmp_path, backend):
+    _run(chapter, tmp_path, timeout=300, backend=backend)
 
 
-def test_chapter_05_quick(tmp_path):
-    out = _run("05_train.py", tmp_path, timeout=300, GPT2_CHAPTER_QUICK="1")
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_chapter_05_quick(tmp_path, backend):
+    out = _run("05_train.py", tmp_path, timeout=300, backend=backend, GPT2_CHAPTER_QUICK="1")
     assert "Ep 1 (Step 000000)" in out and "reloaded weights identical: True" in out
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "checkpoint" / "model.safetensors").is_file()
 

@@ -37,9 +37,6 @@ from gpt2.cli import main
 from gpt2.data import create_loaders
 from gpt2.train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, train
 
-# Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
-pytestmark = pytest.mark.usefixtures("backend")
-
 REPO = Path(__file__).resolve().parent.parent
 CKPT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
 
@@ -145,7 +142,7 @@ def _signal_at_step(monkeypatch, step: int, sig=signal.SIGINT):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [1, 6, "epoch end", 70])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, k):
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, k, backend):
     """Train N steps in one go; separately train k steps, save a checkpoint, throw every object
     away, reload it into fresh ones and train to N: same losses, bit-identical weights and moments."""
     model, train_loader, val_loader = _setup()
@@ -276,15 +273,17 @@ def _train(story, out, *extra):
     return main(["train", "--data", str(story), *TINY_RUN, "--out", str(out), *extra])
 
 
-def test_cli_resume_after_max_steps_is_exact(tmp_path, story, capsys):
+def test_cli_resume_after_max_steps_is_exact(tmp_path, story, capsys, backend):
+    """On both backends: the CLI's --resume continues bit for bit (`--backend cupy` on CuPy)."""
     tokenizer_or_skip()
+    on = ["--backend", backend]
     # Constant lr (no WARMUP): here the two runs differ in --max-steps, the schedule's length.
-    assert _train(story, tmp_path / "full", "--max-steps", "23") == 0
-    assert _train(story, tmp_path / "part", "--max-steps", "9", "--save-every", "4", "--keep", "5") == 0
+    assert _train(story, tmp_path / "full", "--max-steps", "23", *on) == 0
+    assert _train(story, tmp_path / "part", "--max-steps", "9", "--save-every", "4", "--keep", "5", *on) == 0
     assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["ckpt-000004", "ckpt-000008",
                                                                      "ckpt-000009"]
     capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "part"), "--max-steps", "23", "--keep", "2"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "part"), "--max-steps", "23", "--keep", "2", *on]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "ckpt-000009 at step 9" in out and "--max-steps 23 (was 9)" in out
     _assert_same_run(tmp_path / "full", tmp_path / "part")

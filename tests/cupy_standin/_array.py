@@ -165,10 +165,11 @@ class ndarray:  # noqa: N801 - named as in CuPy
             raise AttributeError(f"cannot set '{name}' on cupy.ndarray")
 
     # --- Python protocols -------------------------------------------------------------------
-    def __repr__(self):
-        return "array(" + np.array2string(self._a, separator=", ") + f", dtype={self._a.dtype})"
+    def __repr__(self):  # CuPy prints like NumPy
+        return repr(self._a)
 
-    __str__ = __repr__
+    def __str__(self):
+        return str(self._a)
 
     def __len__(self):
         return len(self._a)
