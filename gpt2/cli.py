@@ -1,4 +1,4 @@
-"""The command line: `python -m gpt2 train | generate | bench`.
+"""The command line: `python -m gpt2 train | generate | bench | selftest`.
 
 A thin layer over functions a user could call from Python: it parses flags, checks them, calls
 gpt2.data / gpt2.train / gpt2.checkpoint / gpt2.generate, and turns our own errors (GPT2Error,
@@ -57,10 +57,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="GPT-2 from scratch on minigrad: train, generate, benchmark.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench,selftest}")
     _add_train(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_selftest(sub)
     return parser
 
 
@@ -183,6 +184,18 @@ def _add_bench(sub) -> None:
         return
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+
+
+def _add_selftest(sub) -> None:
+    from . import selftest  # noqa: PLC0415
+
+    p = sub.add_parser("selftest", formatter_class=_Help, help="check this machine's GPU (or CPU) end to end",
+                       description="The acceptance run for a GPU: kernels against their NumPy twins, "
+                       "float64 gradient checks, a short course-model training run, generation with and "
+                       "without the KV cache, the benchmark and pytest's CuPy half; exit code 1 if any "
+                       "fails.")
+    selftest.add_arguments(p)
+    p.set_defaults(func=selftest.run_cli)
 
 
 # ---------------------------------------------------------------------------------------------

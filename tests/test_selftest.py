@@ -1,0 +1,49 @@
+"""`python -m gpt2 selftest`: the GPU acceptance run, exercised on the CuPy stand-in (or a real GPU)
+and on NumPy; a wrong kernel makes it fail with exit code 1 and says which."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import minigrad as mg
+from gpt2.cli import main
+from minigrad import kernels
+
+
+def _report(capsys):
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_selftest_passes_on_cupy(capsys):
+    assert main(["selftest", "--backend", "cupy", "--quick", "--no-tests", "--json"]) == 0
+    out, report = _report(capsys)
+    assert report["ok"] and report["environment"]["backend"] == "cupy"
+    assert set(report["checks"]) == {"kernels", "gradients", "training", "generation", "bench"}
+    assert report["checks"]["kernels"]["kernels_checked"] == 16
+    assert report["checks"]["training"]["last_loss"] < report["checks"]["training"]["first_loss"] - 2
+    assert "PASS: 5/5 checks passed" in out and "FAIL" not in out
+    assert mg.get_backend() == "numpy"   # the CLI puts the backend back
+
+
+def test_selftest_on_numpy(capsys):
+    assert main(["selftest", "--backend", "numpy", "--quick", "--no-tests", "--json"]) == 0
+    _, report = _report(capsys)
+    assert report["ok"] and report["environment"]["backend"] == "numpy"
+
+
+def test_a_wrong_kernel_fails_the_selftest(capsys, monkeypatch):
+    gelu = kernels.gelu_forward
+
+    def wrong_on_the_gpu(x):
+        y = gelu(x)
+        return y * 1.001 if mg.get_backend() == "cupy" else y
+    monkeypatch.setattr(kernels, "gelu_forward", wrong_on_the_gpu)
+    assert main(["selftest", "--backend", "cupy", "--quick", "--no-tests", "--json"]) == 1
+    out, report = _report(capsys)
+    assert not report["ok"] and not report["checks"]["kernels"]["ok"]
+    assert "gelu_forward (float32): relative error" in report["checks"]["kernels"]["error"]
+    assert "FAIL  kernels" in out and "checks passed" in out
+    assert np.isfinite(report["checks"]["training"]["last_loss"])   # the other checks still ran
