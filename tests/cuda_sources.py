@@ -473,7 +473,7 @@ def elementwise_arginfos(cx, kern, args):
     inout = in_args + out_args
     ndims = [a.ndim if isinstance(a, nd) else 0 for a in inout]
     if kern.reduce_dims:
-        shape, ndims = _reduce_dims(inout, params, shape, ndims)
+        shape, ndims = transcribed_reduce_dims(inout, params, shape, ndims)
     infos = []
     for a, n in zip(inout, ndims):
         if isinstance(a, nd):
@@ -487,7 +487,7 @@ def elementwise_arginfos(cx, kern, args):
     return tuple(infos), type_map
 
 
-def _reduce_dims(args, params, shape, ndims):
+def transcribed_reduce_dims(args, params, shape, ndims):
     """CuPy's `_reduce_dims` / `_reduced_view_core` (cdef, cupy/_core/_kernel.pyx 14.2.0): merge
     axes that every non-contiguous array walks with the same stride pattern, so the kernel indexes
     in fewer dimensions. Returns the new loop shape and each argument's new ndim (CuPy's views keep
@@ -632,3 +632,34 @@ def compile_cubin(cx: CupyInternals, source: Source, arch: str) -> bytes:
     if not isinstance(mod, _ModuleCatcher) or not (mod.cubin or b"").startswith(b"\x7fELF"):
         raise CupyInternalsMoved(_moved_message(f"no cubin came back for sm_{arch}"))
     return mod.cubin
+
+
+# ---------------------------------------------------------------------------------------------
+# A check of the one transcribed piece against CuPy itself
+# ---------------------------------------------------------------------------------------------
+
+class _ArgInfos(Exception):  # noqa: N818 - carries the arginfos out of CuPy's reduction code
+    def __init__(self, arginfos):
+        super().__init__("arginfos")
+        self.arginfos = arginfos
+
+
+def cupy_reduced_ndims(cx: CupyInternals, arrays) -> list[int]:
+    """The ndim each array gets from CuPy's own (cdef) `_reduce_dims`, reached through a reduction
+    over no axes: `ReductionKernel._call` runs the same `_reduce_dims` on its inputs (with no axis to
+    reduce, nothing is permuted) and then builds the kernel's arginfos, which are caught here."""
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # one type placeholder each: their dtypes may differ
+    params = ", ".join(f"{letters[i]} a{i}" for i in range(len(arrays)))
+    kern = cx.cupy.ReductionKernel(params, "A r", "a0", "a + b", "r = a", "0", "minigrad_oracle")
+    out = device_array(cx, arrays[0].shape, arrays[0].dtype)
+
+    def catch(nin, nout, params, arginfos, *rest):
+        raise _ArgInfos(arginfos)
+
+    with _patched([(cx.reduction, "_ReductionKernel_get_cached_function", catch)]):
+        try:
+            kern._call(list(arrays), [out], tuple(arrays[0].shape), (), None, False, True, 0, None,
+                       False, True)
+        except _ArgInfos as got:
+            return [info.ndim for info in got.arginfos[:len(arrays)]]
+    raise CupyInternalsMoved(_moved_message("ReductionKernel._call built no arginfos"))

@@ -212,3 +212,26 @@ def test_a_broken_kernel_fails_with_nvrtc_s_message(cx):
     assert "sm_80" in message
     # NVRTC's own diagnostic, e.g. 'kern.cu(17): error: identifier "undeclared_scale" is undefined'
     assert "error" in message and '"undeclared_scale"' in message
+
+
+def test_transcribed_reduce_dims_matches_cupy(cx, recorded):
+    """The one piece of ElementwiseKernel.__call__ rewritten in Python (`_reduce_dims`) gives every
+    argument the same ndim as CuPy's own, for every argument kind the compile test generates."""
+    checked = 0
+    for d in recorded:
+        if d.cls != "ElementwiseKernel":
+            continue
+        real = cs.real_kernel(cx, d)
+        for call in d.calls:
+            for layout in cs.LAYOUTS:
+                args = cs.materialize(cx, real, d.cls, call, np.float32, layout)
+                if args is None:
+                    continue
+                arrays = [a for a in args if isinstance(a, cx.cupy.ndarray)]
+                views = list(cx.cupy.broadcast(*arrays).values)  # as ElementwiseKernel broadcasts
+                params = cs.real_kernel(cx, d).params
+                mine = cs.transcribed_reduce_dims(views, params[:len(views)], tuple(views[0].shape),
+                                       [v.ndim for v in views])[1]
+                assert mine == cs.cupy_reduced_ndims(cx, views), (d.name, layout)
+                checked += 1
+    assert checked >= 20
