@@ -64,14 +64,17 @@ WRAPPER_CALLS = {
 
 
 @pytest.fixture(scope="module")
-def cx(tmp_path_factory):
-    """CuPy's internals, imported with its kernel cache pointed at a temporary folder."""
+def cx():
+    """CuPy's internals (tests/conftest.py has pointed CuPy's kernel cache at a temporary folder)."""
     if importlib.util.find_spec("cupy") is None:
         pytest.skip('CuPy is not installed; pip install -e ".[gpu-check]" to check the CUDA kernels')
-    with pytest.MonkeyPatch.context() as mp:
-        if "cupy" not in sys.modules:  # CuPy creates its cache folder when first imported
-            mp.setenv("CUPY_CACHE_DIR", str(tmp_path_factory.mktemp("cupy_cache")))
-        yield cs.load_cupy_internals()
+    return cs.load_cupy_internals()
+
+
+def test_cupy_cache_is_a_temporary_folder(cx):
+    cache = Path(os.environ["CUPY_CACHE_DIR"]).resolve()
+    assert Path.home() / ".cupy" not in [cache, *cache.parents]
+    assert Path(cx.compiler._kernel_cache_backend._cache_dir).resolve() == cache  # what CuPy uses
 
 
 def record(cx, build, calls=()):
