@@ -189,7 +189,7 @@ def test_cub_reduction_variant_is_generated_and_compiles(cx):
     assert "cub::BlockReduce" in long_rows.code and "--std=c++17" in long_rows.options
     assert "cub::BlockReduce" not in short_rows.code  # under 128 elements: generic kernel
     assert "cub::BlockReduce" not in generic.code     # CUB switched off: generic kernel
-    compile_all(cx, [long_rows, short_rows, generic])
+    compile_all(cx, [long_rows])  # (the generic kernel's template is compiled in the test above)
 
 
 def test_raw_kernels_compile(cx):
