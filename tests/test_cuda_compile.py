@@ -238,3 +238,11 @@ def test_transcribed_reduce_dims_matches_cupy(cx, recorded):
                 assert mine == cs.cupy_reduced_ndims(cx, views), (d.name, layout)
                 checked += 1
     assert checked >= 20
+
+
+def test_moved_cupy_internals_fail_loudly_naming_the_pinned_version(cx, monkeypatch):
+    monkeypatch.delattr(cx.reduction, "_ReductionKernel_get_cached_function")
+    with pytest.raises(cs.CupyInternalsMoved) as moved:
+        cs.load_cupy_internals()
+    assert "cupy._core._reduction._ReductionKernel_get_cached_function" in str(moved.value)
+    assert "cupy-cuda12x==14.2.0" in str(moved.value) and "gpu-check" in str(moved.value)
