@@ -261,9 +261,10 @@ def real_kernel(cx: CupyInternals, defn: KernelDef):
     return getattr(cx.cupy, defn.cls)(*defn.args, **defn.kwargs)
 
 
-def kernel_constructor_calls(roots) -> list[tuple[str, int]]:
-    """(file, line) of every call to one of KERNEL_CLASSES (`cp.ElementwiseKernel(...)`,
-    `ElementwiseKernel(...)`) in the .py files under `roots`, found by parsing, not by matching text."""
+def kernel_constructor_calls(roots) -> list[tuple[str, int, int]]:
+    """(file, first line, last line) of every call to one of KERNEL_CLASSES (`cp.ElementwiseKernel(...)`,
+    `ElementwiseKernel(...)`) in the .py files under `roots`, found by parsing, not by matching text.
+    (A recorded call's line falls in that range; which line exactly differs between Pythons.)"""
     found = []
     for root in roots:
         for path in sorted(Path(root).rglob("*.py")):
@@ -273,7 +274,7 @@ def kernel_constructor_calls(roots) -> list[tuple[str, int]]:
                     f = node.func
                     name = getattr(f, "attr", None) or getattr(f, "id", None)
                     if name in KERNEL_CLASSES:
-                        found.append((str(path.resolve()), node.lineno))
+                        found.append((str(path.resolve()), node.lineno, node.end_lineno))
     return found
 
 

@@ -112,14 +112,15 @@ def compile_all(cx, sources, archs=cs.ARCHS):
 # ---------------------------------------------------------------------------------------------
 
 def test_discovery_finds_every_kernel_constructor_in_the_code(recorded):
-    in_code = sorted(cs.kernel_constructor_calls(SCANNED))
-    found = sorted(d.where for d in recorded)
+    in_code = cs.kernel_constructor_calls(SCANNED)
     assert in_code, "the scan found no kernel constructors at all: is the scan broken?"
-    missing = [f"{Path(f).relative_to(REPO)}:{line}" for f, line in in_code if (f, line) not in found]
+    missing = [f"{Path(f).relative_to(REPO)}:{first}" for f, first, last in in_code
+               if not any(f == file and first <= line <= last for file, line in (d.where for d in recorded))]
     assert not missing, (
         f"kernel constructors not reached by this test's discovery: {missing}; build them from "
         "_CupyKernels (minigrad/kernels.py) or extend the `recorded` fixture in tests/test_cuda_compile.py")
-    assert sorted(set(found)) == found, "a kernel constructor ran twice during recording"
+    for file, line in (d.where for d in recorded):  # and nothing recorded came from elsewhere
+        assert any(f == file and first <= line <= last for f, first, last in in_code), (file, line)
 
 
 def test_every_gpu_wrapper_is_exercised():
