@@ -345,7 +345,8 @@ def _capture(cx, kernel, kind, generate) -> Source:
         except cx.cupy.cuda.runtime.CUDARuntimeError as exc:
             raise AssertionError(f"{kernel} ({kind}): CuPy asked the GPU for something on the way to "
                                  f"its kernel source ({exc}); tests/cuda_sources.py cannot generate "
-                                 "this kind of call without a GPU") from None
+                                 "this kind of call without a GPU (known case: a CUB reduction over "
+                                 "all axes, which allocates a buffer between its two kernels)") from None
     raise CupyInternalsMoved(_moved_message(f"{kernel} ({kind}) reached no compile call"))
 
 
