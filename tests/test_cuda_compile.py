@@ -34,7 +34,7 @@ SCANNED = [Path(minigrad.__file__).resolve().parent, Path(gpt2.__file__).resolve
 
 # One call of each public wrapper in minigrad/kernels.py, with GPT-2-like shapes: batch B, sequence
 # T, channels C, heads H, vocabulary V. The recording `cp` makes each run on the CPU and remembers
-# what reaches the kernels. A new wrapper must be added here (test_every_wrapper_is_exercised).
+# what reaches the kernels. A new wrapper must be added here (test_every_gpu_wrapper_is_exercised).
 B, T, C, H, V = 2, 5, 12, 3, 50
 
 
