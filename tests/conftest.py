@@ -10,13 +10,28 @@ float32 as the default dtype, so no test depends on what ran before it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import minigrad
+# Importing CuPy creates its kernel cache (~/.cupy/kernel_cache by default) and compiling fills it.
+# The tests keep both in a temporary folder, chosen before anything can import CuPy and removed at
+# the end of the session (unless CUPY_CACHE_DIR was set by whoever runs the tests).
+_CUPY_CACHE_SET_BY_US = "CUPY_CACHE_DIR" not in os.environ
+if _CUPY_CACHE_SET_BY_US:
+    os.environ["CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="minigrad-tests-cupy-cache-")
+
+
+def pytest_unconfigure(config):
+    if _CUPY_CACHE_SET_BY_US:
+        shutil.rmtree(os.environ.pop("CUPY_CACHE_DIR"), ignore_errors=True)
+
+
+import minigrad  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
