@@ -16,6 +16,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,29 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 VERDICT_NAME = "the-verdict.txt"
 
+
+@dataclass(frozen=True)
+class NamedText:
+    """A small public text the project knows by name: where to fetch it and its SHA-256."""
+    title: str
+    filename: str   # kept as <data dir>/<filename>
+    url: str
+    sha256: str
+
+
+# `python -m gpt2 prepare verdict` / `prepare shakespeare`, and train's default text.
+NAMED_TEXTS = {
+    "verdict": NamedText("The Verdict", VERDICT_NAME, VERDICT_URL, VERDICT_SHA256),
+    "shakespeare": NamedText(
+        "Tiny Shakespeare", "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
+
 _REPO = Path(__file__).resolve().parents[1]
-# The project's CI material may sit beside a development checkout (../shared); never required.
-SHARED_VERDICT = _REPO.parent / "shared" / "data" / VERDICT_NAME
+# The project's CI material may sit beside a development checkout; never required.
+_SHARED_DATA = _REPO.parent / "shared" / "data"
+SHARED_VERDICT = _SHARED_DATA / VERDICT_NAME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,45 +105,56 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def verdict_path(data_dir=None, download: bool = True) -> Path:
-    """Path to The Verdict, fetching it on first use.
-
-    Looked for in order: $GPT2_DATA (a file), `<data_dir>/the-verdict.txt` (checked against its
-    SHA-256), a copy in ../shared/data (copied into data_dir), and finally the book's URL.
-    """
+    """Path to The Verdict, fetching it on first use; $GPT2_DATA (a file) wins if set.
+    See `named_text_path` for where it is looked for."""
     if os.environ.get("GPT2_DATA"):
         return Path(os.environ["GPT2_DATA"])
+    return named_text_path("verdict", data_dir, download)
+
+
+def named_text_path(name: str, data_dir=None, download: bool = True, url: str | None = None) -> Path:
+    """Path to one of NAMED_TEXTS ("verdict", "shakespeare"), fetching it on first use.
+
+    Looked for in order: `<data_dir>/<filename>` (checked against its SHA-256), a copy beside a
+    development checkout (copied into data_dir), and finally its URL (`url` replaces it: tests
+    pass a file:// URL). The download is checked against the SHA-256 before it is saved.
+    """
+    if name not in NAMED_TEXTS:
+        raise GPT2Error(f"unknown dataset name {name!r}; choose one of {', '.join(NAMED_TEXTS)} or give a path")
+    named = NAMED_TEXTS[name]
+    url = url or named.url
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    path = data_dir / VERDICT_NAME
+    path = data_dir / named.filename
     if path.is_file():
-        if _sha256(path.read_bytes()) != VERDICT_SHA256:
-            raise GPT2Error(f"{path} does not match The Verdict's SHA-256 ({VERDICT_SHA256[:12]}...); "
-                            "delete it to download it again, or pass --data FILE to train on your own text")
+        if _sha256(path.read_bytes()) != named.sha256:
+            raise GPT2Error(f"{path} does not match {named.title}'s SHA-256 ({named.sha256[:12]}...); "
+                            "delete it to download it again, or train on your own text with --data FILE")
         return path
-    if SHARED_VERDICT.is_file() and _sha256(SHARED_VERDICT.read_bytes()) == VERDICT_SHA256:
+    shared = _SHARED_DATA / named.filename
+    if shared.is_file() and _sha256(shared.read_bytes()) == named.sha256:
         try:
-            _write_atomic(path, SHARED_VERDICT.read_bytes())
+            _write_atomic(path, shared.read_bytes())
             return path
         except OSError:
-            return SHARED_VERDICT  # a read-only checkout: read the shared copy in place
+            return shared  # a read-only checkout: read the copy in place
     if not download:
-        raise GPT2Error(_absent_message(path, "downloading is off"))
+        raise GPT2Error(_absent_message(named, path, "downloading is off"))
     try:
-        with urllib.request.urlopen(VERDICT_URL, timeout=30) as response:
+        with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
     except Exception as exc:  # URLError, timeouts, HTTP errors
         reason = getattr(exc, "reason", exc)
-        raise GPT2Error(_absent_message(path, f"could not download it: {reason}")) from None
-    if _sha256(data) != VERDICT_SHA256:
-        raise GPT2Error(f"the download from {VERDICT_URL} does not match the expected SHA-256 "
-                        f"{VERDICT_SHA256[:12]}...; pass --data FILE to train on your own text")
+        raise GPT2Error(_absent_message(named, path, f"could not download it: {reason}")) from None
+    if _sha256(data) != named.sha256:
+        raise GPT2Error(f"the download from {url} does not match {named.title}'s SHA-256 "
+                        f"{named.sha256[:12]}...; train on your own text with --data FILE instead")
     _write_atomic(path, data)
     return path
 
 
-def _absent_message(path: Path, why: str) -> str:
-    return (f"The Verdict is not in {path.parent} and {why}; either pass --data FILE (any UTF-8 text) "
-            f"or save the story as {path} (from {VERDICT_URL}, or copy ../shared/data/{VERDICT_NAME} "
-            "if you have it)")
+def _absent_message(named: NamedText, path: Path, why: str) -> str:
+    return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and save it as "
+            f"{path}, or train on your own UTF-8 text with --data FILE")
 
 
 def load_text(path=None) -> str:

@@ -96,7 +96,7 @@ def test_split_text_is_90_10_by_characters():
 def no_story(monkeypatch, tmp_path):
     """An empty data dir, no $GPT2_DATA, no shared copy: only the download is left."""
     monkeypatch.delenv("GPT2_DATA", raising=False)
-    monkeypatch.setattr(data, "SHARED_VERDICT", tmp_path / "no-shared" / "the-verdict.txt")
+    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared")
     return tmp_path / "data"
 
 
@@ -109,7 +109,7 @@ def test_verdict_offline_and_absent_names_both_options(no_story, monkeypatch):
         data.verdict_path(no_story)
     msg = str(info.value)
     assert "--data FILE" in msg and str(no_story / "the-verdict.txt") in msg and "\n" not in msg
-    assert "../shared/data/the-verdict.txt" in msg
+    assert "shared" not in msg and data.VERDICT_URL in msg   # users have no ../shared
     with pytest.raises(GPT2Error, match="--data FILE"):
         data.verdict_path(no_story, download=False)
 
@@ -136,7 +136,8 @@ def test_verdict_download_is_verified_and_atomic(no_story, monkeypatch):
         data.verdict_path(no_story)
     assert not list(no_story.glob("*")) if no_story.exists() else True
     # With the matching hash it is saved (via a temporary file, none left behind) and then reused.
-    monkeypatch.setattr(data, "VERDICT_SHA256", data._sha256(body))
+    monkeypatch.setitem(data.NAMED_TEXTS, "verdict",
+                        data.NamedText("The Verdict", data.VERDICT_NAME, data.VERDICT_URL, data._sha256(body)))
     path = data.verdict_path(no_story)
     assert path == no_story / "the-verdict.txt" and path.read_bytes() == body
     assert sorted(p.name for p in no_story.iterdir()) == ["the-verdict.txt"]
