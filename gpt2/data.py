@@ -120,7 +120,8 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
     pass a file:// URL). The download is checked against the SHA-256 before it is saved.
     """
     if name not in NAMED_TEXTS:
-        raise GPT2Error(f"unknown dataset name {name!r}; choose one of {', '.join(NAMED_TEXTS)} or give a path")
+        raise GPT2Error(f"unknown dataset name {name!r}; choose one of {', '.join(NAMED_TEXTS)} "
+                        "or give a path")
     named = NAMED_TEXTS[name]
     url = url or named.url
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -128,8 +128,9 @@ class CharTokenizer:
         except KeyError:
             missing = sorted(set(text) - set(self.stoi))
             shown = ", ".join(repr(c) for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise GPT2Error(f"the text has {len(missing)} character(s) outside this {len(self.chars)}-character "
-                            f"vocabulary ({shown}); use only characters the model was trained on") from None
+            raise GPT2Error(f"the text has {len(missing)} character(s) outside this "
+                            f"{len(self.chars)}-character vocabulary ({shown}); use only characters the "
+                            "model was trained on") from None
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids).reshape(-1)

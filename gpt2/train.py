@@ -40,7 +40,10 @@ class TrainConfig:
     eval_iter: int = 5                 # batches per loader in each evaluation (None: all of them)
     grad_clip: float | None = None     # clip the global gradient norm to this (None: no clipping)
     warmup_steps: int | None = None    # None: constant lr (the book); else linear warmup + cosine decay
-    min_lr_ratio: float = 0.1          # the cosine schedule ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1          # the cosine schedule ends at lr * min_lr_ratio ...
+    min_lr: float | None = None        # ... or at this learning rate, when given
+    grad_accum: int = 1                # batches whose gradients are summed into one optimizer step
+    eval_final: bool = False           # also evaluate after the last step (if it was not an eval step)
     sample_prompt: str | None = "Every effort moves you"   # continued after each epoch (None: off)
     sample_tokens: int = 50            # tokens generated for that sample (greedy, as the book)
     progress: bool = True              # tqdm bar with tokens/s (on stderr)
@@ -58,6 +61,9 @@ class TrainConfig:
         positive("eval_every")
         positive("eval_iter", allow_none=True)
         positive("sample_tokens")
+        positive("grad_accum")
+        if self.min_lr is not None and not (isinstance(self.min_lr, (int, float)) and self.min_lr >= 0):
+            raise GPT2Error(f"min_lr must be a number >= 0, got {self.min_lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise GPT2Error(f"grad_clip must be > 0, got {self.grad_clip!r}")
         w = self.warmup_steps
@@ -113,18 +119,23 @@ def calc_loss_batch(input_batch, target_batch, model) -> mg.Tensor:
     return F.cross_entropy(logits, target_batch)
 
 
-def calc_loss_loader(data_loader, model, num_batches: int | None = None) -> float:
+def calc_loss_loader(data_loader, model, num_batches: int | None = None, key: int = 0) -> float:
     """Mean batch loss over the first `num_batches` batches (all when None), as the book's.
 
     Uses `data_loader.batches()` when it has one, so evaluating a training loader does not move
-    its position; any other iterable of (inputs, targets) works too. No graph is built.
-    Returns nan for an empty loader.
+    its position; any other iterable of (inputs, targets) works too. A loader of random windows
+    (gpt2/dataset.py) gives `num_batches` fresh random batches instead, fixed by `key` (the step).
+    No graph is built. Returns nan for an empty loader.
     """
     n = len(data_loader)
     if n == 0:
         return float("nan")
-    n = n if num_batches is None else min(num_batches, n)
-    batches = data_loader.batches() if hasattr(data_loader, "batches") else iter(data_loader)
+    if hasattr(data_loader, "eval_batches"):
+        n = n if num_batches is None else num_batches
+        batches = data_loader.eval_batches(n, key)
+    else:
+        n = n if num_batches is None else min(num_batches, n)
+        batches = data_loader.batches() if hasattr(data_loader, "batches") else iter(data_loader)
     total = 0.0
     with mg.no_grad():
         for i, (x, y) in enumerate(batches):
@@ -134,12 +145,14 @@ def calc_loss_loader(data_loader, model, num_batches: int | None = None) -> floa
     return total / n
 
 
-def evaluate_model(model, train_loader, val_loader, eval_iter: int | None) -> tuple[float, float]:
-    """Train and validation loss with dropout off; the model goes back to training mode after."""
+def evaluate_model(model, train_loader, val_loader, eval_iter: int | None,
+                   key: int = 0) -> tuple[float, float]:
+    """Train and validation loss with dropout off; the model goes back to training mode after.
+    `key` picks the random evaluation batches of a prepared dataset (train passes the step)."""
     model.eval()
     try:
-        train_loss = calc_loss_loader(train_loader, model, eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, eval_iter)
+        train_loss = calc_loss_loader(train_loader, model, eval_iter, key)
+        val_loss = calc_loss_loader(val_loader, model, eval_iter, key)
     finally:
         model.train()
     return train_loss, val_loss
@@ -236,9 +249,36 @@ def grad_norm(params) -> float:
     return math.sqrt(total) if total >= 0 else total   # nan stays nan
 
 
+def steps_per_epoch(train_loader, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: each takes `grad_accum` batches (an epoch's leftover batches,
+    fewer than grad_accum, are skipped, as drop_last skips a short batch)."""
+    return len(train_loader) // cfg.grad_accum
+
+
 def total_steps(train_loader, cfg: TrainConfig) -> int:
-    n = cfg.epochs * len(train_loader)
+    n = cfg.epochs * steps_per_epoch(train_loader, cfg)
     return n if cfg.max_steps is None else min(n, cfg.max_steps)
+
+
+def accumulate_gradients(model, batches) -> float:
+    """Forward and backward every (inputs, targets) batch, leaving the summed gradient in p.grad;
+    returns the mean loss.
+
+    Gradient accumulation: with N batches of B windows, loss_k / N summed over k is the mean
+    cross-entropy over all N*B*T predictions -- the loss of one batch of N*B windows -- and since
+    gradients add (backward accumulates into p.grad), N backward passes of loss_k / N leave
+    exactly that batch's gradient, using the memory of one small batch. One batch (N = 1) is the
+    plain step, with no scaling at all.
+    """
+    n = len(batches)
+    total = 0.0
+    for x, y in batches:
+        loss = calc_loss_batch(x, y, model)   # forward: logits (B, T, V) -> scalar
+        if n > 1:
+            loss = loss * (1.0 / n)
+        loss.backward()                       # adds into p.grad for every parameter
+        total += loss.item()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,34 +309,42 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
     state = state if state is not None else TrainState(epoch=train_loader.epoch)
     history = history if history is not None else History()
     n_total = total_steps(train_loader, cfg)
+    if steps_per_epoch(train_loader, cfg) == 0:
+        raise GPT2Error(f"an epoch has {len(train_loader)} batches, fewer than --grad-accum "
+                        f"{cfg.grad_accum}; "
+                        "use a smaller --grad-accum or --batch-size, or more data")
     schedule = None
     if cfg.warmup_steps is not None:
         # The peak lr is the optimizer's lr when training first started (kept in its state, so a
         # resumed run rebuilds the same schedule even though "lr" has moved on since).
         lr = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])
         schedule = WarmupCosine(max_lr=lr, warmup_steps=cfg.warmup_steps, total_steps=n_total,
-                                min_lr=lr * cfg.min_lr_ratio)
+                                min_lr=lr * cfg.min_lr_ratio if cfg.min_lr is None else cfg.min_lr)
 
-    bar = _progress(cfg.progress, total=n_total * train_loader.tokens_per_batch,
-                    initial=state.step * train_loader.tokens_per_batch)
+    tokens_per_step = train_loader.tokens_per_batch * cfg.grad_accum
+    bar = _progress(cfg.progress, total=n_total * tokens_per_step, initial=state.step * tokens_per_step)
     say = log or (bar.write if bar is not None else print)
+    timer = _StepTimer()
     t0 = time.perf_counter()
     model.train()
     done = cfg.max_steps is not None and state.step >= cfg.max_steps   # a resumed run that is done
     try:
         for epoch in range(train_loader.epoch, cfg.epochs if not done else 0):
             first = train_loader.batch_index        # > 0 only when resuming mid-epoch
+            micro = []                              # the batches of the step being gathered
             for i, (x, y) in enumerate(train_loader):
+                micro.append((x, y))
+                if len(micro) < cfg.grad_accum:
+                    continue
+                t_step = time.perf_counter()
                 if schedule is not None:
                     optimizer.set_lr(schedule(state.step))
                 optimizer.zero_grad()
-                loss = calc_loss_batch(x, y, model)   # forward: logits (B, T, V) -> scalar
-                loss.backward()                       # fills p.grad for every parameter
+                loss_value = accumulate_gradients(model, micro)   # p.grad: the step's gradient
                 if cfg.grad_clip is not None:
                     norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
                     norm = grad_norm(model.parameters())
-                loss_value = loss.item()
                 finite = math.isfinite(loss_value) and math.isfinite(norm)
                 if not finite:
                     what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
@@ -312,14 +360,18 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
                     optimizer.zero_grad()
                 else:
                     optimizer.step()
-                state.tokens_seen += int(np.prod(x.shape))
+                state.tokens_seen += sum(int(np.prod(xb.shape)) for xb, _ in micro)
+                micro = []
                 step = state.step                     # 0-based index of this step, as the book prints
                 state.step += 1
+                timer.add(time.perf_counter() - t_step, tokens_per_step)
                 if bar is not None:
-                    bar.update(train_loader.tokens_per_batch)
-                    bar.set_postfix(ep=epoch + 1, loss=f"{loss_value:.3f}", refresh=False)
-                if step % cfg.eval_every == 0:
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, cfg.eval_iter)
+                    bar.update(tokens_per_step)
+                    bar.set_postfix(ep=epoch + 1, loss=f"{loss_value:.3f}", ms_step=f"{timer.ms:.0f}",
+                                    refresh=False)
+                if step % cfg.eval_every == 0 or (cfg.eval_final and state.step == n_total):
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, cfg.eval_iter,
+                                                          key=step)
                     history.steps.append(step)
                     history.epochs.append(epoch + (first + i + 1) / len(train_loader))
                     history.tokens_seen.append(state.tokens_seen)
@@ -327,7 +379,7 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
                     history.val_losses.append(val_loss)
                     history.lrs.append(optimizer.param_groups[0]["lr"])
                     say(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
-                        f"Val loss {val_loss:.3f}, Tokens seen {state.tokens_seen:,}")
+                        f"Val loss {val_loss:.3f}, Tokens seen {state.tokens_seen:,}{timer.report()}")
                 state.epoch = train_loader.epoch      # epochs completed (the loader moved on)
                 if on_step is not None:
                     on_step(state)
@@ -347,6 +399,27 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
             bar.close()
         history.seconds += time.perf_counter() - t0
     return history
+
+
+class _StepTimer:
+    """Time per optimizer step and tokens/s over the steps since the last report (evaluations
+    and checkpoint saves not counted: they are not the training step's cost)."""
+
+    def __init__(self):
+        self.seconds, self.steps, self.tokens, self.ms = 0.0, 0, 0, 0.0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        self.tokens += tokens
+        self.ms = 1000.0 * self.seconds / self.steps
+
+    def report(self) -> str:
+        if not self.steps:
+            return ""
+        text = f", {self.ms:.1f} ms/step, {self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"
+        self.seconds, self.steps, self.tokens = 0.0, 0, 0
+        return text
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -75,7 +75,7 @@ def test_train_prints_like_the_book_and_records_history(capsys):
     assert history.steps == list(range(0, total, 3))
     assert len(evals) == len(history.steps)
     assert re.fullmatch(r"Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}, "
-                        r"Tokens seen 32", evals[0])
+                        r"Tokens seen 32, \d+\.\d ms/step, [\d,]+ tokens/s", evals[0])
     assert evals[-1].startswith(f"Ep 2 (Step {history.steps[-1]:06d})")
     assert history.tokens_seen == [(s + 1) * 2 * 16 for s in history.steps]
     assert history.epochs[-1] == pytest.approx((history.steps[-1] + 1) / steps_per_epoch)
