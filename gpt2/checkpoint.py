@@ -6,6 +6,8 @@
       optimizer.safetensors    AdamW's moments m and v, one pair per parameter   (training only)
       trainer_state.json       step, epoch, tokens seen, optimizer hyper-parameters, the random
                                generator's state, the data loader's position      (training only)
+      tokenizer.json           the tokenizer the model was trained with: {"type": "gpt2"} or
+                               {"type": "char", "chars": ...}; absent in older checkpoints (gpt2)
 
 safetensors is a flat header + raw bytes: loading it runs no code (unlike pickle) and gives back
 exactly the bytes that were saved, so a reloaded model is bit-for-bit the one that was saved.
@@ -54,7 +56,8 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TOKENIZER_FILE)
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
 _CKPT_DIR = re.compile(r"ckpt-(\d{1,15})")
@@ -70,6 +73,7 @@ class Checkpoint:
     optimizer_state: dict | None = None   # {"step", "groups", "tensors"} or None
     trainer_state: dict | None = None     # the JSON written by save_checkpoint, or None
     path: Path | None = None              # the checkpoint directory it was read from
+    tokenizer: object | None = None       # from tokenizer.json (None: not recorded, i.e. gpt2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +119,10 @@ def _check_finite(model: GPTModel, optimizer) -> None:
 # Saving
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, model: GPTModel, optimizer=None, state=None) -> Path:
+def save_checkpoint(path, model: GPTModel, optimizer=None, state=None, tokenizer=None) -> Path:
     """Write `model` (and, for training, `optimizer` and `state`) into the directory `path`.
+    `tokenizer` (anything with `to_dict()`) is recorded in tokenizer.json, so generation decodes
+    with the tokenizer the model was trained with.
 
     `state` is a dict or dataclass (e.g. TrainState) of JSON-able values; the optimizer's
     hyper-parameters and step count and minigrad's random-generator state are added to it.
@@ -128,6 +134,11 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, state=None) -> Path:
     _check_finite(model, optimizer)
     path.mkdir(parents=True, exist_ok=True)
     _write_json(path / CONFIG_FILE, model.config.to_dict())
+    if tokenizer is not None:
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                            f"{model.config.vocab_size}; save the model with its own tokenizer")
+        _write_json(path / TOKENIZER_FILE, tokenizer.to_dict())
     _pause_for_tests()
     _write_safetensors(path / MODEL_FILE, model.state_dict(), metadata={"format": "minigrad-gpt2"})
     if optimizer is None and state is None:
@@ -231,7 +242,7 @@ def remove_leftovers(run_dir) -> None:
 
 
 def save_run_checkpoint(run_dir, model: GPTModel, optimizer=None, state=None, *, step: int,
-                        keep: int | None = None) -> Path:
+                        keep: int | None = None, tokenizer=None, name: str | None = None) -> Path:
     """Save checkpoint `run_dir/ckpt-<step>/` crash-safely and point `run_dir/latest` at it.
 
     1. Every file is written (and fsynced) into a hidden `.tmp-ckpt-<step>-*` directory.
@@ -240,6 +251,8 @@ def save_run_checkpoint(run_dir, model: GPTModel, optimizer=None, state=None, *,
     4. With `keep`, all but the newest `keep` checkpoints are deleted.
     A crash or `kill -9` at any moment leaves `latest` naming a complete checkpoint. Saving a
     step that already has a checkpoint replaces it. Returns the checkpoint directory.
+    `name` saves as `run_dir/<name>` instead (e.g. "best"), the same way, leaving `latest` and
+    the numbered checkpoints alone.
     """
     if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
         raise GPT2Error(f"step must be an integer >= 0, got {step!r}")
@@ -250,12 +263,13 @@ def save_run_checkpoint(run_dir, model: GPTModel, optimizer=None, state=None, *,
         raise GPT2Error(f"run directory {run_dir} exists and is not a directory; choose another path")
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(run_dir)
-    name = checkpoint_name(int(step))
+    special = name is not None
+    name = name if special else checkpoint_name(int(step))
     final = run_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=run_dir))
     try:
         os.chmod(tmp, safeio.default_mode(directory=True))
-        save_checkpoint(tmp, model, optimizer, state)
+        save_checkpoint(tmp, model, optimizer, state, tokenizer=tokenizer)
         safeio.fsync_dir(tmp)
         if final.exists():
             _discard(final)
@@ -264,6 +278,8 @@ def save_run_checkpoint(run_dir, model: GPTModel, optimizer=None, state=None, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if special:
+        return final
     safeio.write_text(run_dir / LATEST_FILE, name + "\n")
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-int(keep)]:
@@ -343,6 +359,35 @@ def _check_dir(path: Path) -> None:
             raise GPT2Error(f"{path} is not a checkpoint: {name} is missing")
 
 
+def _read_tokenizer(path: Path, config: GPTConfig):
+    """The character tokenizer recorded in `path`/tokenizer.json, or None for GPT-2's BPE (recorded
+    as such, or nothing recorded: older checkpoints)."""
+    from .tokenizer import tokenizer_from_dict  # noqa: PLC0415
+
+    file = path / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    record = _read_json(file)
+    if isinstance(record, dict) and record.get("type") == "gpt2":
+        return None   # GPT-2's BPE: built (with its vocabulary files) only when text is encoded
+    try:
+        tok = tokenizer_from_dict(record)
+    except GPT2Error as exc:
+        raise GPT2Error(f"{file}: {exc}{_DAMAGED}") from None
+    if tok.vocab_size != config.vocab_size:
+        raise GPT2Error(f"{file} describes {tok.vocab_size} tokens but {path / CONFIG_FILE} a vocabulary of "
+                        f"{config.vocab_size}{_DAMAGED}")
+    return tok
+
+
+def load_tokenizer(path):
+    """The tokenizer a checkpoint was trained with: the one in tokenizer.json, else GPT-2's BPE."""
+    from .tokenizer import get_tokenizer  # noqa: PLC0415
+
+    path = resolve_checkpoint(path)
+    return _read_tokenizer(path, _read_config(path / CONFIG_FILE)) or get_tokenizer()
+
+
 def load_model(path) -> GPTModel:
     """The model saved in `path`, on the current backend, with exactly the saved weights."""
     return _load(path, with_state=False, optimizer=False).model
@@ -383,7 +428,7 @@ def _load(path, with_state: bool, optimizer: bool) -> Checkpoint:
         model.load_state_dict(weights)
     except (KeyError, ValueError) as exc:
         raise GPT2Error(f"{model_file} does not match {path / CONFIG_FILE}: {exc}") from None
-    ckpt = Checkpoint(model=model, config=config, path=path)
+    ckpt = Checkpoint(model=model, config=config, path=path, tokenizer=_read_tokenizer(path, config))
     if with_state and (path / STATE_FILE).is_file():
         ckpt.trainer_state = _read_trainer_state(path / STATE_FILE)
         opt = ckpt.trainer_state.get("optimizer")

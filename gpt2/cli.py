@@ -1,4 +1,4 @@
-"""The command line: `python -m gpt2 train | generate | bench | selftest`.
+"""The command line: `python -m gpt2 prepare | train | generate | bench | selftest`.
 
 A thin layer over functions a user could call from Python: it parses flags, checks them, calls
 gpt2.data / gpt2.train / gpt2.checkpoint / gpt2.generate, and turns our own errors (GPT2Error,
@@ -7,6 +7,8 @@ minigrad's BackendError) into one line on stderr, `error: ...`, with exit code 2
     python -m gpt2 train --out runs/verdict                       # the course run (chapter 05)
     python -m gpt2 train --resume runs/verdict                    # continue it after Ctrl-C or a crash
     python -m gpt2 generate --checkpoint runs/verdict --prompt "Every effort moves you"
+    python -m gpt2 prepare shakespeare --tokenizer char --out data/shakespeare_char
+    python -m gpt2 train --data data/shakespeare_char ...                # see README: Shakespeare
 """
 
 from __future__ import annotations
@@ -56,13 +58,38 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG, description="GPT-2 from scratch on minigrad: train, generate, benchmark.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench,selftest}")
+        prog=PROG, description="GPT-2 from scratch on minigrad: prepare data, train, generate, benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{prepare,train,generate,bench,selftest}")
+    _add_prepare(sub)
     _add_train(sub)
     _add_generate(sub)
     _add_bench(sub)
     _add_selftest(sub)
     return parser
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", formatter_class=_Help, help="tokenize a corpus into a prepared dataset",
+                       description="Tokenize UTF-8 text (files, folders, or a named dataset: verdict, "
+                       "shakespeare) into a prepared dataset folder for `train --data`: token ids in "
+                       "binary shards, a train/validation split and a manifest.json. Streams the text "
+                       "(any size) and uses several processes for large inputs.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a UTF-8 text file, a folder of them, or a dataset name: verdict (The Verdict) or "
+                   "shakespeare (Tiny Shakespeare), downloaded into the data folder and checked by SHA-256")
+    p.add_argument("--out", required=True, metavar="DIR", help="the dataset folder to create")
+    p.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2",
+                   help="gpt2: GPT-2's BPE (50,257 tokens); char: one token per character of the corpus")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the tokens, from the end, kept for validation")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes encoding a large input (default: the number of CPUs)")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="where named datasets are downloaded (default: $GPT2_DATA_DIR, else data/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
 
 def _add_train(sub) -> None:
@@ -72,24 +99,25 @@ def _add_train(sub) -> None:
                        "chapter 05 (LLMs from Scratch, chapter 5): the 124M shape with context 256, "
                        "dropout 0.1, no qkv bias and an untied output head, AdamW lr 4e-4 and weight "
                        "decay 0.1, batch 2, 10 epochs, seed 123, on The Verdict.")
-    p.add_argument("--data", metavar="FILE", default=None,
-                   help="a UTF-8 text file to train on (default: The Verdict, downloaded into data/ "
-                   "on first use)")
+    p.add_argument("--data", metavar="FILE_OR_DIR", default=None,
+                   help="a UTF-8 text file (GPT-2 tokens, windows in order, 90/10 split by characters), or a "
+                   "dataset folder made by `prepare` (its tokenizer; random windows) (default: The Verdict, "
+                   "downloaded into data/ on first use)")
     p.add_argument("--model", choices=list(MODEL_SIZES), default="gpt2-124m",
                    help="the GPT-2 shape (layers, heads, width); the flags below override parts of it")
     g = p.add_argument_group("model overrides")
     g.add_argument("--context-length", type=int, default=256, metavar="N",
                    help="tokens per training window (at most the size's 1024)")
-    g.add_argument("--n-layers", type=int, default=None, metavar="N", help="transformer blocks "
+    g.add_argument("--n-layers", "--n-layer", type=int, default=None, metavar="N", help="transformer blocks "
                    "(default: the --model size's)")
-    g.add_argument("--n-heads", type=int, default=None, metavar="N", help="attention heads "
+    g.add_argument("--n-heads", "--n-head", type=int, default=None, metavar="N", help="attention heads "
                    "(default: the --model size's)")
-    g.add_argument("--emb-dim", type=int, default=None, metavar="N", help="embedding width, divisible by "
-                   "--n-heads (default: the --model size's)")
+    g.add_argument("--emb-dim", "--n-embd", type=int, default=None, metavar="N",
+                   help="embedding width, divisible by --n-heads (default: the --model size's)")
     g.add_argument("--dropout", type=float, default=0.1, metavar="P", help="dropout probability in [0, 1)")
     g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=False,
                    help="biases on the query/key/value projection (default: off)")
-    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--tie-embeddings", "--tie", action=argparse.BooleanOptionalAction, default=False,
                    help="share the token embedding with the output head (default: untied)")
     g.add_argument("--init", choices=["book", "gpt2"], default="book",
                    help="weight initialisation: book = PyTorch's layer defaults, as LLMs from Scratch "
@@ -102,15 +130,30 @@ def _add_train(sub) -> None:
     t.add_argument("--lr", type=float, default=4e-4, metavar="X", help="AdamW learning rate (peak "
                    "learning rate with --warmup-steps)")
     t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
-                   help="AdamW decoupled weight decay, applied to every parameter as in the book")
+                   help="AdamW decoupled weight decay (on every parameter as in the book, unless "
+                   "--no-decay-all)")
+    t.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight decay on every parameter (the book); --no-decay-all: only on matrices, "
+                   "not biases and LayerNorm (GPT-2, nanoGPT)")
+    t.add_argument("--beta2", type=float, default=0.999, metavar="X",
+                   help="AdamW's second-moment decay (nanoGPT uses 0.99 for small models)")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="accumulate the gradients of N batches per optimizer step (the same update as one "
+                   "batch N times larger, in the memory of one)")
     t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                   help="linear warmup over N steps, then cosine decay to lr/10 (default: constant lr)")
+                   help="linear warmup over N steps, then cosine decay to --min-lr over the run's steps "
+                   "(default: constant lr)")
+    t.add_argument("--min-lr", type=float, default=None, metavar="X",
+                   help="learning rate at the end of the cosine decay (default: --lr / 10)")
     t.add_argument("--grad-clip", type=float, default=None, metavar="X",
                    help="clip the global gradient norm to X (default: no clipping)")
     t.add_argument("--eval-every", type=int, default=5, metavar="N",
                    help="print train and val loss every N steps")
-    t.add_argument("--eval-iter", type=int, default=5, metavar="N",
-                   help="batches of each loader averaged per evaluation")
+    t.add_argument("--eval-iter", "--eval-iters", type=int, default=5, metavar="N",
+                   help="batches of each loader averaged per evaluation (random batches for a prepared "
+                   "dataset)")
+    t.add_argument("--keep-best", action="store_true",
+                   help="also keep the checkpoint with the lowest validation loss so far, as --out/best")
     t.add_argument("--sample-prompt", default="Every effort moves you", metavar="TEXT",
                    help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip")
     t.add_argument("--seed", type=int, default=123, metavar="N",
@@ -127,8 +170,8 @@ def _add_train(sub) -> None:
                    help="continue the run saved in DIR (a run directory: its `latest` checkpoint; or one "
                    "ckpt-<step> directory) exactly where it stopped, with its settings; only --epochs, "
                    "--max-steps, --lr, --grad-clip, --eval-every, --eval-iter, --sample-prompt, "
-                   "--save-every, --keep, --skip-nonfinite, --backend, --data (same contents) and "
-                   "--no-progress may be changed")
+                   "--save-every, --keep, --keep-best, --skip-nonfinite, --backend, --data (same "
+                   "contents) and --no-progress may be changed")
     r.add_argument("--save-every", type=int, default=100, metavar="N",
                    help="save a checkpoint every N steps (and always at the end and on Ctrl-C)")
     r.add_argument("--keep", type=int, default=2, metavar="N",
@@ -219,11 +262,37 @@ def _use_backend(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------
+
+def cmd_prepare(args) -> int:
+    from .data import NAMED_TEXTS, named_text_path  # noqa: PLC0415
+    from .prepare import prepare  # noqa: PLC0415
+
+    _finite("--val-fraction", args.val_fraction)
+    if not 0.0 < args.val_fraction < 1.0:
+        raise GPT2Error(f"--val-fraction must be in (0, 1), e.g. 0.1, got {args.val_fraction}")
+    _positive("--workers", args.workers, allow_none=True)
+    # A name (verdict, shakespeare) is a download unless a file or folder of that name exists here.
+    sources = [named_text_path(s, args.data_dir) if s in NAMED_TEXTS and not Path(s).exists() else Path(s)
+               for s in args.sources]
+    m = prepare(sources, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    n_bytes = sum(src["bytes"] for src in m["sources"])
+    print(f"prepared {args.out}: {len(m['sources'])} file(s), {n_bytes:,} bytes -> {m['tokens']:,} tokens "
+          f"({args.tokenizer} tokenizer, vocabulary {m['vocab_size']:,}, {m['dtype']}); train "
+          f"{m['splits']['train']['tokens']:,}, val {m['splits']['val']['tokens']:,} tokens; "
+          f"{m['seconds']:.1f} s ({m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s)")
+    print(f"train on it with: {PROG} train --data {args.out} ...")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
 
-def train_config_from_args(args):
-    """The GPTConfig that the train flags describe."""
+def train_config_from_args(args, vocab_size: int | None = None):
+    """The GPTConfig that the train flags describe (with the dataset's vocabulary size, if given)."""
     for flag in ("context_length", "n_layers", "n_heads", "emb_dim"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
     base = config_for(args.model)
@@ -238,6 +307,8 @@ def train_config_from_args(args):
     for flag in ("n_layers", "n_heads", "emb_dim"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
     return config_for(args.model, **overrides)
 
 
@@ -248,7 +319,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise GPT2Error(f"--out {out} exists and is not a directory; choose another --out")
     ours = [p.name for p in list_checkpoints(out)][-3:]
-    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, "loss.png") if (out / n).exists()]
+    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, BEST_DIR, "loss.png") if (out / n).exists()]
     if ours and not overwrite:
         resume = f"continue it with --resume {out}, " if is_run_dir(out) else ""
         raise GPT2Error(f"--out {out} already holds a checkpoint ({', '.join(ours)}); {resume}choose another "
@@ -257,7 +328,13 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 def _clear_out_dir(out: Path) -> None:
     """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
-    from .checkpoint import CHECKPOINT_FILES, LATEST_FILE, list_checkpoints, remove_leftovers  # noqa: PLC0415
+    from .checkpoint import (  # noqa: PLC0415
+        CHECKPOINT_FILES,
+        LATEST_FILE,
+        MODEL_FILE,
+        list_checkpoints,
+        remove_leftovers,
+    )
 
     if not out.is_dir():
         return
@@ -265,17 +342,22 @@ def _clear_out_dir(out: Path) -> None:
         (out / n).unlink(missing_ok=True)                     # half-deleted checkpoint
     for ckpt in list_checkpoints(out):
         shutil.rmtree(ckpt)
+    if (out / BEST_DIR / MODEL_FILE).is_file():   # only a checkpoint of ours
+        shutil.rmtree(out / BEST_DIR)
     remove_leftovers(out)
 
 
+BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the numbered ones
+
 # What a resumed run may change; every other setting is the run's own (see _resumed_args).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
-                     "save_every", "keep", "skip_nonfinite", "backend", "no_progress", "data")
+                     "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data")
 _RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int, "n_heads": int,
               "emb_dim": int, "dropout": float, "qkv_bias": bool, "tie_embeddings": bool, "epochs": int,
               "max_steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
               "grad_clip": float, "eval_every": int, "eval_iter": int, "sample_prompt": str, "seed": int,
-              "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool}
+              "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool,
+              "grad_accum": int, "min_lr": float, "beta2": float, "decay_all": bool, "keep_best": bool}
 
 
 def _flag(key: str) -> str:
@@ -394,10 +476,10 @@ def cmd_train(args) -> int:
 
     # 1. Check every flag before anything slow happens.
     config = train_config_from_args(args)
-    for flag in ("epochs", "batch_size", "eval_every", "eval_iter", "save_every", "keep"):
+    for flag in ("epochs", "batch_size", "eval_every", "eval_iter", "save_every", "keep", "grad_accum"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--max-steps", args.max_steps, allow_none=True)
-    for flag in ("lr", "weight_decay", "grad_clip"):
+    for flag in ("lr", "weight_decay", "grad_clip", "min_lr", "beta2"):
         _finite("--" + flag.replace("_", "-"), getattr(args, flag))
     if not args.lr > 0:
         raise GPT2Error(f"--lr must be > 0, got {args.lr}")
@@ -407,6 +489,14 @@ def cmd_train(args) -> int:
         raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise GPT2Error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.min_lr is not None:
+        if args.warmup_steps is None:
+            raise GPT2Error("--min-lr is where the cosine schedule ends, so it needs --warmup-steps N "
+                            "(0 for no warmup); without it the learning rate is constant")
+        if not 0 <= args.min_lr <= args.lr:
+            raise GPT2Error(f"--min-lr must be between 0 and --lr ({args.lr:g}), got {args.min_lr:g}")
+    if not 0 <= args.beta2 < 1:
+        raise GPT2Error(f"--beta2 must be in [0, 1), e.g. 0.99 or 0.999, got {args.beta2}")
     if args.seed < 0:
         raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
     out = Path(args.out)
@@ -416,24 +506,48 @@ def cmd_train(args) -> int:
         _check_resume_out(out, resume, saved_state.get("step", 0))
     _use_backend(args.backend)
 
-    # 2. Data: tokens, windows of context_length (stride = context_length), 90/10 split.
+    # 2. Data. A text file: GPT-2 tokens, windows of context_length in order (stride =
+    #    context_length), 90/10 split by characters. A prepared dataset: its tokenizer (the model's
+    #    vocabulary follows it), its split, random windows (gpt2/dataset.py).
     data_path = Path(args.data) if args.data is not None else data.verdict_path()
-    text = data.read_text(data_path)
-    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    tokenizer = get_tokenizer()
-    try:
-        train_loader, val_loader = data.create_loaders(text, args.batch_size, config.context_length,
-                                                       seed=args.seed, tokenizer=tokenizer)
-    except GPT2Error as exc:
-        raise GPT2Error(f"{data_path}: {exc}") from None
-    n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
+    if data_path.is_dir():
+        from .dataset import PreparedDataset  # noqa: PLC0415
+
+        dataset = PreparedDataset(data_path)
+        tokenizer, data_sha256 = dataset.tokenizer, dataset.digest
+        config = train_config_from_args(args, vocab_size=tokenizer.vocab_size)
+        train_loader = dataset.loader("train", args.batch_size, config.context_length, seed=args.seed)
+        val_loader = dataset.loader("val", args.batch_size, config.context_length, seed=args.seed)
+        about = (f"{tokenizer.name} tokenizer, vocabulary {tokenizer.vocab_size:,}; train "
+                 f"{dataset.num_tokens('train'):,} tokens, val {dataset.num_tokens('val'):,}; random "
+                 f"windows, an epoch is {len(train_loader)} batches of "
+                 f"{args.batch_size}x{config.context_length}")
+    else:
+        dataset = None
+        text = data.read_text(data_path)
+        data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        tokenizer = get_tokenizer()
+        try:
+            train_loader, val_loader = data.create_loaders(text, args.batch_size, config.context_length,
+                                                           seed=args.seed, tokenizer=tokenizer)
+        except GPT2Error as exc:
+            raise GPT2Error(f"{data_path}: {exc}") from None
+        n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
+        about = (f"{len(text):,} characters, {n_tokens:,} tokens; train {len(train_loader)} batches of "
+                 f"{args.batch_size}x{config.context_length}, val {len(val_loader)}")
+    if args.sample_prompt:
+        try:
+            tokenizer.encode(args.sample_prompt)
+        except GPT2Error as exc:
+            raise GPT2Error(f"--sample-prompt: {exc} (or --sample-prompt '' for no samples)") from None
 
     # 3. Model and optimizer: seeded and new, or exactly as the checkpoint left them.
     if resume is None:
         mg.manual_seed(args.seed)
         model = GPTModel(config)
         init_model_(model, args.init)               # "book" (the course run) or GPT-2's own
-        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
+                                   decay_all=args.decay_all, betas=(0.9, args.beta2))
         state, history = TrainState(), History()   # filled in as training goes
     else:
         if saved_state.get("data_sha256") not in (None, data_sha256):
@@ -444,7 +558,8 @@ def cmd_train(args) -> int:
             raise GPT2Error(f"{resume}/config.json does not match the run's settings in trainer_state.json "
                             "(the checkpoint is damaged or was edited)")
         model = ckpt.model
-        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
+                                   decay_all=args.decay_all, betas=(0.9, args.beta2))
         state, history = ck.restore_training(ckpt, optimizer, train_loader)
         if any(c.startswith("--lr ") for c in changes):   # a new (peak) learning rate from here on
             for g in optimizer.param_groups:
@@ -454,14 +569,19 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                       eval_iter=args.eval_iter, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
                       sample_prompt=args.sample_prompt or None, progress=not args.no_progress,
-                      skip_nonfinite=args.skip_nonfinite)
+                      skip_nonfinite=args.skip_nonfinite, grad_accum=args.grad_accum, min_lr=args.min_lr,
+                      eval_final=dataset is not None)
     steps = total_steps(train_loader, cfg)
     print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
           f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
-    print(f"data: {data_path} ({len(text):,} characters, {n_tokens:,} tokens); train {len(train_loader)} "
-          f"batches of {args.batch_size}x{config.context_length}, val {len(val_loader)}")
-    print(f"training: {steps} steps, AdamW lr {args.lr:g}, weight decay {args.weight_decay:g}, "
-          f"{args.init} init, "
+    print(f"data: {data_path} ({about})")
+    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    schedule = ("constant" if args.warmup_steps is None
+                else f"warmup {args.warmup_steps}, cosine to {min_lr:g}")
+    print(f"training: {steps} steps"
+          + (f" of {args.grad_accum} accumulated batches" if args.grad_accum > 1 else "")
+          + f", AdamW lr {args.lr:g} ({schedule}), beta2 {args.beta2:g}, weight decay {args.weight_decay:g}"
+          + ("" if args.decay_all else " (matrices only)") + f", {args.init} init, "
           f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
           f"in {out}/ (newest {args.keep} kept)")
     if resume is not None:
@@ -484,12 +604,13 @@ def cmd_train(args) -> int:
     def snapshot() -> dict:
         return {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
                 "skipped_steps": state.skipped_steps, "loader": train_loader.state_dict(),
-                "history": history.to_dict(), "run": run, "data_sha256": data_sha256}
+                "history": history.to_dict(), "run": run, "data_sha256": data_sha256,
+                "best_val_loss": best["val_loss"]}
 
     def save() -> Path:
         try:
             saved["dir"] = ck.save_run_checkpoint(out, model, optimizer, snapshot(), step=state.step,
-                                                  keep=args.keep)
+                                                  keep=args.keep, tokenizer=tokenizer)
         except OSError as exc:   # disk full, permissions: the previous checkpoint is untouched
             last = ck.latest_checkpoint(out)
             raise GPT2Error(f"could not save the checkpoint of step {state.step} in {out} ({exc}); "
@@ -498,7 +619,24 @@ def cmd_train(args) -> int:
         saved["step"] = state.step
         return saved["dir"]
 
+    # --keep-best: after each evaluation, a lower validation loss than any before replaces out/best
+    # (weights, config, tokenizer; no optimizer state). The best so far survives a resume.
+    best = {"val_loss": (saved_state or {}).get("best_val_loss") if resume is not None else None,
+            "evals": len(history.val_losses)}
+
+    def keep_best() -> None:
+        if len(history.val_losses) == best["evals"]:
+            return
+        best["evals"] = len(history.val_losses)
+        v = history.val_losses[-1]
+        if math.isfinite(v) and (best["val_loss"] is None or v < best["val_loss"]):
+            best["val_loss"] = v
+            ck.save_run_checkpoint(out, model, None, {"step": state.step, "val_loss": v}, step=state.step,
+                                   tokenizer=tokenizer, name=BEST_DIR)
+
     def on_step(st) -> None:
+        if args.keep_best:
+            keep_best()
         if st.step % args.save_every == 0:
             save()
 
@@ -522,6 +660,8 @@ def cmd_train(args) -> int:
     if history.epochs:
         plot = plot_losses(history, out / "loss.png")
         print(f"saved loss plot to {plot}")
+        if args.keep_best and best["val_loss"] is not None:
+            print(f"best validation loss {best['val_loss']:.4f}: {out / BEST_DIR}")
         print(f"{'so far' if stop['signal'] is not None else 'final'}: train loss "
               f"{history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f} "
               f"after {state.step} steps, {state.tokens_seen:,} tokens, {history.seconds:.0f} s "
@@ -554,8 +694,12 @@ def cmd_generate(args) -> int:
         raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
     _use_backend(args.backend)
 
+    tokenizer = None
     if args.checkpoint is not None:
-        from .checkpoint import load_model  # noqa: PLC0415
+        from .checkpoint import load_model, load_tokenizer  # noqa: PLC0415
+        # The tokenizer it was trained with (recorded in the checkpoint; GPT-2's BPE if none is).
+        tokenizer = load_tokenizer(args.checkpoint)
+        ids = tokenizer.encode(args.prompt)   # a character outside a char vocabulary: GPT2Error
         model = load_model(args.checkpoint)
     else:
         try:
@@ -566,7 +710,7 @@ def cmd_generate(args) -> int:
             raise GPT2Error("--pretrained is not available in this version (gpt2/pretrained.py is "
                             "missing); use --checkpoint") from None
         model = load_pretrained(args.pretrained, backend=args.backend, cache_dir=args.cache_dir)
-    tokenizer = get_tokenizer()
+    tokenizer = tokenizer or get_tokenizer()
     ids = np.asarray(tokenizer.encode(args.prompt), dtype=np.int64)[None, :]
     out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_id=tokenizer.eot_id, seed=args.seed, use_cache=not args.no_cache)

@@ -278,6 +278,9 @@ class DataLoader:
                 "shuffle": self.shuffle, "batch_size": self.batch_size, "num_windows": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", "windows") != "windows":
+            raise GPT2Error("the saved data loader state is for a prepared dataset, not a text file; "
+                            "resume with the run's own --data")
         if state.get("num_windows", len(self.dataset)) != len(self.dataset) or \
                 state.get("batch_size", self.batch_size) != self.batch_size:
             raise GPT2Error("the saved data loader state is for different data or batch size "
