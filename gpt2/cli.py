@@ -698,9 +698,8 @@ def cmd_generate(args) -> int:
     if args.checkpoint is not None:
         from .checkpoint import load_model, load_tokenizer  # noqa: PLC0415
         # The tokenizer it was trained with (recorded in the checkpoint; GPT-2's BPE if none is).
-        tokenizer = load_tokenizer(args.checkpoint)
-        ids = tokenizer.encode(args.prompt)   # a character outside a char vocabulary: GPT2Error
         model = load_model(args.checkpoint)
+        tokenizer = load_tokenizer(args.checkpoint)
     else:
         try:
             from .pretrained import load_pretrained  # noqa: PLC0415

@@ -66,7 +66,7 @@ def _one_error_line(capsys, argv, *fragments):
 
 @pytest.mark.parametrize("which, fragment", [
     ("empty", "is empty"), ("blank", "is empty"), ("binary", "looks binary"), ("latin1", "not valid UTF-8"),
-    ("dir", "not a file"), ("missing", "does not exist"), ("short", "too few"),
+    ("dir", "not a prepared dataset"), ("missing", "does not exist"), ("short", "too few"),
 ])
 def test_train_rejects_bad_data_files(tmp_path, files, capsys, which, fragment):
     if which == "short":
@@ -132,6 +132,17 @@ def test_data_shorter_than_one_window():
     (["--lr", "fast"], ["--lr", "invalid float"]),
     (["--epochs", "2.5"], ["--epochs", "invalid int"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--grad-accum", "0"], ["--grad-accum", "positive"]),
+    (["--grad-accum", "-2"], ["--grad-accum"]),
+    (["--eval-iters", "0"], ["--eval-iter"]),
+    (["--min-lr", "1e-5"], ["--min-lr", "--warmup-steps"]),                # no schedule to end
+    (["--warmup-steps", "10", "--min-lr", "1"], ["--min-lr", "between 0 and --lr"]),
+    (["--warmup-steps", "10", "--min-lr", "-1e-5"], ["--min-lr"]),
+    (["--warmup-steps", "10", "--min-lr", "nan"], ["--min-lr", "finite"]),
+    (["--beta2", "1"], ["--beta2", "[0, 1)"]),
+    (["--beta2", "-0.1"], ["--beta2"]),
+    (["--beta2", "inf"], ["--beta2", "finite"]),
+    (["--grad-accum", "1000"], ["--grad-accum 1000"]),                     # more than an epoch's batches
 ])
 def test_train_rejects_bad_flags(tmp_path, files, capsys, flags, fragments):
     out = tmp_path / "out"

@@ -96,7 +96,9 @@ def test_train_then_generate(tmp_path, story, capsys):
     ckpt = out / (out / "latest").read_text().strip()
     assert sorted(p.name for p in out.iterdir()) == [ckpt.name, "latest", "loss.png"]
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors",
-                                                      "optimizer.safetensors", "trainer_state.json"]
+                                                      "optimizer.safetensors", "tokenizer.json",
+                                                      "trainer_state.json"]
+    assert json.loads((ckpt / "tokenizer.json").read_text()) == {"type": "gpt2"}   # what generate decodes with
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["run"]["lr"] == 1e-3 and state["history"]["train_losses"]
     model = load_model(out)
