@@ -16,6 +16,7 @@ reader can watch it go from gibberish to (memorised) Wharton.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -323,7 +324,7 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
 
     tokens_per_step = train_loader.tokens_per_batch * cfg.grad_accum
     bar = _progress(cfg.progress, total=n_total * tokens_per_step, initial=state.step * tokens_per_step)
-    say = log or (bar.write if bar is not None else print)
+    say = log or (bar.write if bar is not None else functools.partial(print, flush=True))
     timer = _StepTimer()
     t0 = time.perf_counter()
     model.train()
