@@ -5,7 +5,7 @@
     tok.decode([15496, 11, 314, 716])  # "Hello, I am"
 
     char = CharTokenizer.from_text("hello world")   # vocabulary: the sorted characters " dehlorw"
-    char.encode("hello")             # [2, 1, 3, 3, 4]
+    char.encode("hello")             # [3, 2, 4, 4, 5]
 
 Both share one small interface: `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
 `name`, `eot_id` (None when there is no end-of-text token) and `to_dict()`; `tokenizer_from_dict`

@@ -98,7 +98,7 @@ def test_train_then_generate(tmp_path, story, capsys):
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors",
                                                       "optimizer.safetensors", "tokenizer.json",
                                                       "trainer_state.json"]
-    assert json.loads((ckpt / "tokenizer.json").read_text()) == {"type": "gpt2"}   # what generate decodes with
+    assert json.loads((ckpt / "tokenizer.json").read_text()) == {"type": "gpt2"}   # generate decodes with it
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["run"]["lr"] == 1e-3 and state["history"]["train_losses"]
     model = load_model(out)

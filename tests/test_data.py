@@ -137,7 +137,8 @@ def test_verdict_download_is_verified_and_atomic(no_story, monkeypatch):
     assert not list(no_story.glob("*")) if no_story.exists() else True
     # With the matching hash it is saved (via a temporary file, none left behind) and then reused.
     monkeypatch.setitem(data.NAMED_TEXTS, "verdict",
-                        data.NamedText("The Verdict", data.VERDICT_NAME, data.VERDICT_URL, data._sha256(body)))
+                        data.NamedText("The Verdict", data.VERDICT_NAME, data.VERDICT_URL,
+                                       data._sha256(body)))
     path = data.verdict_path(no_story)
     assert path == no_story / "the-verdict.txt" and path.read_bytes() == body
     assert sorted(p.name for p in no_story.iterdir()) == ["the-verdict.txt"]
