@@ -299,3 +299,56 @@ def test_real_process_errors_are_one_line(tmp_path, files):
         assert result.returncode == 2, (argv, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--val-fraction", "0"], ["--val-fraction", "(0, 1)"]),
+    (["--val-fraction", "1"], ["--val-fraction"]),
+    (["--val-fraction", "nan"], ["--val-fraction", "finite"]),
+    (["--val-fraction", "-0.1"], ["--val-fraction"]),
+    (["--workers", "0"], ["--workers", "positive"]),
+    (["--tokenizer", "bpe"], ["--tokenizer", "invalid choice"]),
+])
+def test_prepare_rejects_bad_flags(tmp_path, files, capsys, flags, fragments):
+    out = tmp_path / "ds"
+    argv = ["prepare", str(files["story"]), "--tokenizer", "char", "--out", str(out), *flags]
+    _one_error_line(capsys, argv, *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which, fragment", [
+    ("binary", "looks binary"), ("latin1", "not valid UTF-8"), ("missing", "does not exist"),
+    ("dir", "has no files"), ("empty", "empty"),
+])
+def test_prepare_rejects_bad_sources(tmp_path, files, capsys, which, fragment):
+    out = tmp_path / "ds"
+    _one_error_line(capsys, ["prepare", str(files[which]), "--tokenizer", "char", "--out", str(out),
+                             "--no-progress"], fragment)
+    assert not out.exists()
+
+
+def test_prepare_never_replaces_what_is_not_its_own(tmp_path, files, capsys):
+    out = tmp_path / "ds"
+    argv = ["prepare", str(files["story"]), "--tokenizer", "char", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    _one_error_line(capsys, argv, "already holds a prepared dataset", "--overwrite")
+    _one_error_line(capsys, [*argv[:-1], str(files["story"])], "not a folder")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    _one_error_line(capsys, [*argv[:-1], str(mine), "--overwrite"], "not a prepared dataset")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_train_on_a_damaged_prepared_dataset_is_one_line(tmp_path, files, capsys):
+    ds = tmp_path / "ds"
+    assert main(["prepare", str(files["story"]), "--tokenizer", "char", "--no-progress", "--out",
+                 str(ds)]) == 0
+    (ds / "val-00000.bin").write_bytes(b"\x01")
+    _one_error_line(capsys, ["train", "--data", str(ds), *TINY, "--out", str(tmp_path / "out")],
+                    "val-00000.bin", "prepare the dataset again")
+    assert not (tmp_path / "out").exists()
