@@ -1,4 +1,4 @@
-"""Chapters 02, 04 and 05 (the ones that need the GPT-2 vocabulary and The Verdict).
+"""Chapters 02, 04, 05 and 07 (the ones that need the GPT-2 vocabulary, The Verdict or Tiny Shakespeare).
 
 They are not in test_chapters.CHAPTERS because they skip, with the reason, where that material
 is missing (offline with no ../shared); chapter 05 runs in its quick setting by default
@@ -49,3 +49,37 @@ def test_chapter_05_full_course_run(tmp_path):
     train below 1.0, validation far higher). Hours on a small CPU; minutes on a GPU."""
     out = _run("05_train.py", tmp_path, timeout=6 * 3600, GPT2_CHAPTER_QUICK="0")
     assert "Ep 10 (Step 000085)" in out
+
+
+def _shakespeare_or_skip():
+    from gpt2 import GPT2Error
+    from gpt2.data import named_text_path
+
+    try:
+        return named_text_path("shakespeare", download=False)
+    except GPT2Error as exc:
+        pytest.skip(f"Tiny Shakespeare not available offline: {exc}")
+
+
+def _run_07(tmp_path, timeout, **env):
+    _shakespeare_or_skip()
+    result = subprocess.run([sys.executable, str(REPO / "chapters" / "07_shakespeare.py")], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path), **env})
+    assert result.returncode == 0, (f"07_shakespeare.py exited with {result.returncode}\n"
+                                    f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
+                                    f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def test_chapter_07_quick(tmp_path):
+    out = _run_07(tmp_path, timeout=300, GPT2_CHAPTER_QUICK="1")
+    assert "vocabulary: 65 characters" in out and "train 1,003,854 ids, val 111,540 ids" in out
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "checkpoint" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_chapter_07_full_nanogpt_run(tmp_path):
+    """nanoGPT's CPU Shakespeare run, 2000 steps: the chapter asserts validation loss <= 1.90."""
+    out = _run_07(tmp_path, timeout=3 * 3600, GPT2_CHAPTER_QUICK="0")
+    assert "2000 steps in" in out
