@@ -94,7 +94,8 @@ def _add_prepare(sub) -> None:
 
 def _add_train(sub) -> None:
     fmt = _Help
-    p = sub.add_parser("train", formatter_class=fmt, help="train a GPT-2 from scratch on a text file",
+    p = sub.add_parser("train", formatter_class=fmt,
+                       help="train a GPT-2 from scratch on a text file or a prepared dataset",
                        description="Train a GPT-2 from scratch. The defaults are the course run of "
                        "chapter 05 (LLMs from Scratch, chapter 5): the 124M shape with context 256, "
                        "dropout 0.1, no qkv bias and an untied output head, AdamW lr 4e-4 and weight "

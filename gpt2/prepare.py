@@ -313,7 +313,7 @@ def _write_shards(ids: np.ndarray, folder: Path, split: str, shard_tokens: int) 
         name = f"{split}-{k:05d}.bin"
         piece = ids[start:start + shard_tokens]
         with open(folder / name, "wb") as f:
-            for s in range(0, len(piece), 1 << 24):    # 16M ids at a time: bounded memory
-                np.ascontiguousarray(piece[s:s + (1 << 24)]).tofile(f)
+            for s in range(0, len(piece), 1 << 20):    # 1M ids at a time: bounded memory
+                np.ascontiguousarray(piece[s:s + (1 << 20)]).tofile(f)
         shards.append({"file": name, "tokens": len(piece)})
     return {"tokens": len(ids), "shards": shards}

@@ -5,6 +5,7 @@ nothing half-written or overwritten on failure."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 import urllib.error
 from pathlib import Path
 
@@ -123,6 +124,23 @@ def test_read_chunks_streams_and_keeps_split_characters_whole(tmp_path):
     assert sum(seen) == src.stat().st_size
     # every chunk after the first starts with a newline followed by a printable non-space character
     assert all(c[0] == "\n" and not c[1].isspace() for c in chunks[1:])
+
+
+def test_memory_stays_about_one_chunk_whatever_the_file_size(tmp_path):
+    """Preparing 3 MB and 8 MB, 64 KB at a time, peaks at the same few MB of Python allocations
+    (NumPy's included): memory is bounded by the chunk and copy sizes, not by the corpus."""
+    line = "Now is the winter of our discontent made glorious summer by this sun of York;\n"
+    peaks = []
+    for size in (3_000_000, 8_000_000):
+        src = tmp_path / f"{size}.txt"
+        src.write_text(line * (size // len(line)), encoding="utf-8")
+        tracemalloc.start()
+        try:
+            prepare([src], tmp_path / f"ds{size}", tokenizer="char", progress=False, chunk_bytes=1 << 16)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 5_000_000 and abs(peaks[1] - peaks[0]) < 500_000, peaks
 
 
 @pytest.mark.parametrize("content, fragment", [
