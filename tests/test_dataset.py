@@ -170,7 +170,7 @@ def test_accumulated_gradient_equals_the_bigger_batch(backend):
         np.testing.assert_allclose(g_acc[name], g_big[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
-def test_train_with_grad_accum_takes_the_bigger_batch_step():
+def test_train_with_grad_accum_takes_the_bigger_batch_step(backend):
     """One train() step with --grad-accum 3 over batches of 2 (in order) leaves the gradient and
     the loss of one step over the batch of 6 made of the same windows."""
     def run(batch_size, grad_accum):
