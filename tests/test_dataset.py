@@ -10,12 +10,12 @@ import signal
 
 import numpy as np
 import pytest
-from gpt2_helpers import ByteTokenizer, tiny_model
+from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
 
 import gpt2.train as train_module
 import minigrad as mg
 from gpt2 import GPT2Error
-from gpt2.checkpoint import load_checkpoint, load_tokenizer
+from gpt2.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gpt2.cli import main
 from gpt2.data import create_loaders
 from gpt2.dataset import PreparedDataset, RandomWindows, is_prepared_dataset
@@ -272,3 +272,26 @@ def test_cli_bad_sample_prompt_for_a_char_dataset_is_caught_before_training(char
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--sample-prompt" in err and "'Z'" in err and not (tmp_path / "o").exists()
+
+
+def test_checkpoint_tokenizer_record(tmp_path):
+    char = CharTokenizer.from_text("abcdefgh")
+    model = tiny_model(vocab_size=8)
+    save_checkpoint(tmp_path / "char", model, tokenizer=char)
+    record = json.loads((tmp_path / "char" / "tokenizer.json").read_text())
+    assert record == {"type": "char", "chars": "abcdefgh"}
+    assert load_checkpoint(tmp_path / "char").tokenizer == char == load_tokenizer(tmp_path / "char")
+    with pytest.raises(GPT2Error, match="has 65 tokens but the model's vocabulary is 8"):
+        save_checkpoint(tmp_path / "bad", model, tokenizer=CharTokenizer("".join(
+            chr(c) for c in range(40, 105))))
+    (tmp_path / "char" / "tokenizer.json").write_text('{"type": "char", "chars": "abc"}')
+    with pytest.raises(GPT2Error, match="describes 3 tokens"):
+        load_checkpoint(tmp_path / "char")
+    (tmp_path / "char" / "tokenizer.json").write_text('{"type": "wordpiece"}')
+    with pytest.raises(GPT2Error, match="unknown tokenizer record"):
+        load_checkpoint(tmp_path / "char")
+    # A checkpoint from before tokenizers were recorded is GPT-2 BPE.
+    save_checkpoint(tmp_path / "old", tiny_model(vocab_size=50257))
+    assert not (tmp_path / "old" / "tokenizer.json").exists()
+    assert load_checkpoint(tmp_path / "old").tokenizer is None
+    assert load_tokenizer(tmp_path / "old").name == tokenizer_or_skip().name == "gpt2"
