@@ -220,9 +220,9 @@ def prepare(sources, out, tokenizer: str = "gpt2", val_fraction: float = 0.1, wo
         all_ids = work / "all.tmp"
         n_tokens, sources_info, seconds = _encode_files(files, tok, dtype, all_ids, workers, progress,
                                                         total_bytes, chunk_bytes)
-        for info, f, i in zip(sources_info, files, range(len(files))):
+        for i, info in enumerate(sources_info):   # the vocabulary pass read the same bytes?
             if digests is not None and info["sha256"] != digests[i]:
-                raise GPT2Error(f"{f} changed while it was being prepared; run prepare again")
+                raise GPT2Error(f"{files[i]} changed while it was being prepared; run prepare again")
         n_train = int(n_tokens * (1.0 - val_fraction))
         if n_train < 2 or n_tokens - n_train < 2:
             raise GPT2Error(f"the input has {n_tokens} tokens, too few to split into training and validation "
