@@ -2,9 +2,14 @@
 
     text = load_text()                                   # The Verdict (downloaded once), or
     text = load_text("my.txt")                           # any UTF-8 text file
+    path = named_text_path("shakespeare")                # Tiny Shakespeare (downloaded once)
     train_loader, val_loader = create_loaders(text, batch_size=2, max_length=256, stride=256)
     for x, y in train_loader:                            # x, y: int64 (B, T); y is x shifted by one
         ...
+
+This is the in-memory path (the text tokenized at every start, windows in order); a corpus
+prepared once by `python -m gpt2 prepare` is read from disk by gpt2/dataset.py instead, with
+the same loader interface.
 
 A language model learns to predict every next token, so one window of T+1 tokens gives T
 training examples at once: input ids[i : i+T], target ids[i+1 : i+T+1].
