@@ -61,19 +61,21 @@ def _shakespeare_or_skip():
         pytest.skip(f"Tiny Shakespeare not available offline: {exc}")
 
 
-def _run_07(tmp_path, timeout, **env):
+def _run_07(tmp_path, timeout, backend="numpy", **env):
     _shakespeare_or_skip()
-    result = subprocess.run([sys.executable, str(REPO / "chapters" / "07_shakespeare.py")], cwd=REPO,
+    result = subprocess.run([*python_for(backend), str(REPO / "chapters" / "07_shakespeare.py")], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path), **env})
+                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path),
+                                 "MINIGRAD_BACKEND": backend, **env})
     assert result.returncode == 0, (f"07_shakespeare.py exited with {result.returncode}\n"
                                     f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
                                     f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
     return result.stdout
 
 
-def test_chapter_07_quick(tmp_path):
-    out = _run_07(tmp_path, timeout=300, GPT2_CHAPTER_QUICK="1")
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_chapter_07_quick(tmp_path, backend):
+    out = _run_07(tmp_path, timeout=300, backend=backend, GPT2_CHAPTER_QUICK="1")
     assert "vocabulary: 65 characters" in out and "train 1,003,854 ids, val 111,540 ids" in out
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "checkpoint" / "tokenizer.json").is_file()
 
