@@ -39,6 +39,7 @@ from gpt2.train import History, NonFiniteError, TrainConfig, TrainState, make_op
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
+CLI_CKPT_FILES = sorted([*CKPT_FILES, "tokenizer.json"])   # `train` also records its tokenizer
 
 # A short synthetic text; bytes are the tokens (vocabulary 256).
 WORDS = "the a cat dog sat ran on under mat tree quickly slowly red big".split()
@@ -503,7 +504,7 @@ def _assert_loadable(run: Path):
     if (run / LATEST_FILE).exists():
         assert (run / LATEST_FILE).read_text().strip() in complete
     ckpt = load_checkpoint(run)
-    assert sorted(p.name for p in ckpt.path.iterdir()) == CKPT_FILES
+    assert sorted(p.name for p in ckpt.path.iterdir()) == CLI_CKPT_FILES
     assert ckpt.trainer_state["step"] == int(ckpt.path.name.split("-")[1])
     restore_training(ckpt, make_optimizer(ckpt.model))
     return ckpt
