@@ -81,6 +81,12 @@ def test_several_processes_give_the_same_ids_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "PARALLEL_BYTES", 0)                   # use the pool even for this
     prepare([src], tmp_path / "two", progress=False, chunk_bytes=500, workers=2)
     assert np.array_equal(_ids(tmp_path / "one"), _ids(tmp_path / "two"))
+    # A bad file read while the pool encodes: the same one-line error, nothing left behind.
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(GPT2Error, match="bad.txt is not valid UTF-8"):
+        prepare([src, bad], tmp_path / "three", progress=False, chunk_bytes=500, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "in.txt", "one", "two"]
 
 
 def test_files_and_folders_in_order_with_end_of_text_between(tmp_path):
