@@ -53,9 +53,13 @@ NAMED_TEXTS = {
 }
 
 _REPO = Path(__file__).resolve().parents[1]
-# The project's CI material may sit beside a development checkout; never required.
-_SHARED_DATA = _REPO.parent / "shared" / "data"
-SHARED_VERDICT = _SHARED_DATA / VERDICT_NAME
+
+
+def _mirror_dir() -> Path | None:
+    """$GPT2_DATA_MIRROR: a local folder holding copies of the named texts (an offline machine, a
+    shared cache), used before the network; each copy must match its SHA-256."""
+    mirror = os.environ.get("GPT2_DATA_MIRROR")
+    return Path(mirror) if mirror else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +140,14 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
             raise GPT2Error(f"{path} does not match {named.title}'s SHA-256 ({named.sha256[:12]}...); "
                             "delete it to download it again, or train on your own text with --data FILE")
         return path
-    shared = _SHARED_DATA / named.filename
-    if shared.is_file() and _sha256(shared.read_bytes()) == named.sha256:
+    mirror = _mirror_dir()
+    copy = mirror / named.filename if mirror else None
+    if copy is not None and copy.is_file() and _sha256(copy.read_bytes()) == named.sha256:
         try:
-            _write_atomic(path, shared.read_bytes())
+            _write_atomic(path, copy.read_bytes())
             return path
         except OSError:
-            return shared  # a read-only checkout: read the copy in place
+            return copy  # a read-only data folder: read the mirror's copy in place
     if not download:
         raise GPT2Error(_absent_message(named, path, "downloading is off"))
     try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -30,11 +29,6 @@ from .errors import GPT2Error
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
-
-# Beside a development checkout there may be a `shared/` folder with tiktoken's cache files
-# (the project's CI material). When TIKTOKEN_CACHE_DIR is unset we use it, so the course and the
-# tests run offline there; anywhere else this path simply does not exist.
-_SHARED_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 
 
 class Tokenizer:
@@ -75,8 +69,6 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """
     import tiktoken  # noqa: PLC0415 - keep `import gpt2` light
 
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_CACHE.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_CACHE)
     try:
         return Tokenizer(tiktoken.get_encoding(name))
     except Exception as exc:  # no network, a proxy error, a corrupt cache, ...

@@ -33,6 +33,16 @@ def pytest_unconfigure(config):
 
 import minigrad  # noqa: E402
 
+# Offline material for the tests, when the project's CI folder sits beside the checkout: the
+# story and Tiny Shakespeare (gpt2.data's local mirror) and tiktoken's GPT-2 vocabulary. Set in the
+# environment so that subprocesses (chapters, the CLI) see them too. Tests that need them skip
+# with a reason where they are missing.
+_SHARED = Path(__file__).resolve().parents[2] / "shared"
+if (_SHARED / "data").is_dir():
+    os.environ.setdefault("GPT2_DATA_MIRROR", str(_SHARED / "data"))
+if (_SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED / "tiktoken_cache"))
+
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))

@@ -96,7 +96,7 @@ def test_split_text_is_90_10_by_characters():
 def no_story(monkeypatch, tmp_path):
     """An empty data dir, no $GPT2_DATA, no shared copy: only the download is left."""
     monkeypatch.delenv("GPT2_DATA", raising=False)
-    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared")
+    monkeypatch.delenv("GPT2_DATA_MIRROR", raising=False)
     return tmp_path / "data"
 
 

@@ -205,7 +205,7 @@ def fake_shakespeare(tmp_path, monkeypatch):
     named = data.NAMED_TEXTS["shakespeare"]
     monkeypatch.setitem(data.NAMED_TEXTS, "shakespeare",
                         data.NamedText(named.title, named.filename, server.as_uri(), data._sha256(body)))
-    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared")
+    monkeypatch.delenv("GPT2_DATA_MIRROR", raising=False)
     return body
 
 
