@@ -9,14 +9,18 @@ minigrad's BackendError) into one line on stderr, `error: ...`, with exit code 2
     python -m gpt2 generate --checkpoint runs/verdict --prompt "Every effort moves you"
     python -m gpt2 prepare shakespeare --tokenizer char --out data/shakespeare_char
     python -m gpt2 train --data data/shakespeare_char ...                # see README: Shakespeare
+    mpiexec -n 2 python -m gpt2 train --batch-size 1               # data parallel: 2 ranks x batch 1
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
+import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -127,7 +131,10 @@ def _add_train(sub) -> None:
     t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
     t.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N optimizer steps (default: no limit)")
-    t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step")
+    t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step (per rank "
+                   "under mpiexec: the global batch is ranks x N)")
+    t.add_argument("--zero", type=int, choices=[0, 1], default=0, metavar="{0,1}",
+                   help="1: shard AdamW's moments across the ranks (ZeRO-1; needs mpiexec -n 2 or more)")
     t.add_argument("--lr", type=float, default=4e-4, metavar="X", help="AdamW learning rate (peak "
                    "learning rate with --warmup-steps)")
     t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
@@ -172,7 +179,7 @@ def _add_train(sub) -> None:
                    "ckpt-<step> directory) exactly where it stopped, with its settings; only --epochs, "
                    "--max-steps, --lr, --grad-clip, --eval-every, --eval-iter, --sample-prompt, "
                    "--save-every, --keep, --keep-best, --skip-nonfinite, --backend, --data (same "
-                   "contents) and --no-progress may be changed")
+                   "contents), --zero and --no-progress may be changed; the number of ranks may change too")
     r.add_argument("--save-every", type=int, default=100, metavar="N",
                    help="save a checkpoint every N steps (and always at the end and on Ctrl-C)")
     r.add_argument("--keep", type=int, default=2, metavar="N",
@@ -352,13 +359,15 @@ BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the nu
 
 # What a resumed run may change; every other setting is the run's own (see _resumed_args).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
-                     "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data")
+                     "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data",
+                     "zero")
 _RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int, "n_heads": int,
               "emb_dim": int, "dropout": float, "qkv_bias": bool, "tie_embeddings": bool, "epochs": int,
               "max_steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
               "grad_clip": float, "eval_every": int, "eval_iter": int, "sample_prompt": str, "seed": int,
               "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool,
-              "grad_accum": int, "min_lr": float, "beta2": float, "decay_all": bool, "keep_best": bool}
+              "grad_accum": int, "min_lr": float, "beta2": float, "decay_all": bool, "keep_best": bool,
+              "zero": int}
 
 
 def _flag(key: str) -> str:
@@ -447,6 +456,107 @@ def _graceful_stop():
 
 
 def cmd_train(args) -> int:
+    """`train` on one process, or on every rank that `mpiexec -n N` started (data parallel).
+
+    With several ranks only rank 0 prints and writes files. An error in the set-up on any rank
+    (bad flags, missing data, flags that differ between ranks) is agreed by all of them and
+    printed once by rank 0; an error during training on some ranks only stops every rank."""
+    from minigrad import distributed  # noqa: PLC0415
+
+    comm = distributed.init()
+    if comm.world_size == 1:
+        return _cmd_train(args, comm, {})
+    setup = {"agreed": False}
+    quiet = open(os.devnull, "w") if comm.rank else None  # noqa: SIM115 - closed below
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            try:
+                return _cmd_train(args, comm, setup)
+            except BaseException as exc:
+                if not setup["agreed"]:       # failed before the ranks compared notes: tell them
+                    try:
+                        _agree_setup(comm, setup, args, error=exc)
+                    except GPT2Error as agreed:
+                        exc = agreed
+                if getattr(exc, "every_rank", False):
+                    if comm.rank == 0:
+                        raise exc from None   # main() prints it once
+                    return 2
+                # Only this rank knows: say so and stop them all (the others may be waiting in a
+                # collective for this one).
+                if isinstance(exc, (GPT2Error, mg.BackendError, distributed.DistributedError, OSError)):
+                    print(f"error: rank {comm.rank}: {_one_line(exc)}", file=sys.stderr, flush=True)
+                elif not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    import traceback  # noqa: PLC0415
+
+                    traceback.print_exc()
+                comm.abort(130 if isinstance(exc, KeyboardInterrupt) else 2)
+                raise
+    finally:
+        if quiet is not None:
+            quiet.close()
+
+
+def _agree_setup(comm, setup: dict, args, error: BaseException | None = None) -> None:
+    """Every rank's set-up outcome and flags, compared on every rank (a collective): raises the
+    same GPT2Error everywhere if any rank failed or the ranks were given different flags."""
+    mine = None
+    if error is not None:
+        mine = _one_line(error) if isinstance(error, (GPT2Error, mg.BackendError)) else \
+            f"{type(error).__name__}: {_one_line(error)}"
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "given")}
+    flags = json.loads(json.dumps(flags, default=str))
+    digest = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).hexdigest()
+    reports = comm.all_gather_object((mine, digest))
+    setup["agreed"] = True
+    failed = [(r, m) for r, (m, _) in enumerate(reports) if m is not None]
+    problem = None
+    if failed:
+        if len(failed) == comm.world_size and len({m for _, m in failed}) == 1:
+            problem = failed[0][1]
+        else:
+            problem = "; ".join(f"rank {r}: {m}" for r, m in failed[:3])
+    elif len({d for _, d in reports}) > 1:
+        every = comm.all_gather_object(flags)
+        other = next(r for r, (_, d) in enumerate(reports) if d != reports[0][1])
+        diff = [k for k in every[0] if every[0].get(k) != every[other].get(k)]
+        shown = ", ".join(f"{_flag(k)} {every[other].get(k)} (rank 0: {every[0].get(k)})" for k in diff[:3])
+        problem = (f"the ranks were started with different flags (rank {other}: {shown}); start every "
+                   "rank with the same command")
+    if problem is not None:
+        err = GPT2Error(problem)
+        err.every_rank = True
+        raise err
+
+
+def _rebatched_loader_state(loader_state: dict, batch_size: int, n_batches: int) -> dict:
+    """A loader position saved with another global batch (a run resumed on a different number
+    of ranks): the same epoch, at the batch holding the first window not yet trained on (a few
+    windows of the current epoch may be seen twice; the order of windows is unchanged)."""
+    done = loader_state["batch_index"] * loader_state["batch_size"]
+    return {**loader_state, "batch_size": batch_size, "batch_index": min(done // batch_size, n_batches - 1)}
+
+
+def _restore_rank_rng(comm, trainer_state: dict, seed: int, step: int) -> None:
+    """Rank r > 0's own dropout generator: as saved when the run had as many ranks, else a
+    fresh stream seeded from (seed, step, rank). Rank 0 keeps the checkpoint's generator."""
+    if comm.rank == 0:
+        return
+    saved = trainer_state.get("rank_rng_states")
+    if trainer_state.get("world_size") == comm.world_size and isinstance(saved, list) \
+            and len(saved) == comm.world_size:
+        try:
+            mg.set_rng_state(saved[comm.rank])
+            return
+        except (KeyError, TypeError, ValueError):
+            raise GPT2Error("trainer_state.json: rank_rng_states is not a list of random generator states "
+                            "(the checkpoint is damaged)") from None
+    mg.manual_seed(seed + 1_000_003 * comm.rank + 7919 * step)
+
+
+def _cmd_train(args, comm, setup: dict) -> int:
+    from minigrad import distributed  # noqa: PLC0415
+
     from . import checkpoint as ck  # noqa: PLC0415
     from . import data  # noqa: PLC0415
     from .model import GPTModel  # noqa: PLC0415
@@ -500,42 +610,49 @@ def cmd_train(args) -> int:
         raise GPT2Error(f"--beta2 must be in [0, 1), e.g. 0.99 or 0.999, got {args.beta2}")
     if args.seed < 0:
         raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
+    if args.zero and comm.world_size == 1:
+        raise GPT2Error("--zero 1 shards the optimizer state across ranks and this run has one; start it "
+                        f"with mpiexec -n 2 (or more) {PROG} train ..., or leave --zero out")
     out = Path(args.out)
     if resume is None:
         _check_out_dir(out, args.overwrite)
     else:
         _check_resume_out(out, resume, saved_state.get("step", 0))
     _use_backend(args.backend)
+    comm = distributed.for_backend(comm)     # NCCL between GPUs with --backend cupy
 
     # 2. Data. A text file: GPT-2 tokens, windows of context_length in order (stride =
     #    context_length), 90/10 split by characters. A prepared dataset: its tokenizer (the model's
     #    vocabulary follows it), its split, random windows (gpt2/dataset.py).
     data_path = Path(args.data) if args.data is not None else data.verdict_path()
+    global_batch = args.batch_size * comm.world_size   # rank r trains on its slice (train.rank_slice)
     if data_path.is_dir():
         from .dataset import PreparedDataset  # noqa: PLC0415
 
         dataset = PreparedDataset(data_path)
         tokenizer, data_sha256 = dataset.tokenizer, dataset.digest
         config = train_config_from_args(args, vocab_size=tokenizer.vocab_size)
-        train_loader = dataset.loader("train", args.batch_size, config.context_length, seed=args.seed)
-        val_loader = dataset.loader("val", args.batch_size, config.context_length, seed=args.seed)
+        train_loader = dataset.loader("train", global_batch, config.context_length, seed=args.seed)
+        val_loader = dataset.loader("val", global_batch, config.context_length, seed=args.seed)
         about = (f"{tokenizer.name} tokenizer, vocabulary {tokenizer.vocab_size:,}; train "
                  f"{dataset.num_tokens('train'):,} tokens, val {dataset.num_tokens('val'):,}; random "
                  f"windows, an epoch is {len(train_loader)} batches of "
-                 f"{args.batch_size}x{config.context_length}")
+                 f"{global_batch}x{config.context_length}")
     else:
         dataset = None
         text = data.read_text(data_path)
         data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         tokenizer = get_tokenizer()
         try:
-            train_loader, val_loader = data.create_loaders(text, args.batch_size, config.context_length,
+            train_loader, val_loader = data.create_loaders(text, global_batch, config.context_length,
                                                            seed=args.seed, tokenizer=tokenizer)
         except GPT2Error as exc:
-            raise GPT2Error(f"{data_path}: {exc}") from None
+            ranks = (f" (with {comm.world_size} ranks the global batch is {comm.world_size} x --batch-size "
+                     f"{args.batch_size}: every rank needs its own windows)" if comm.world_size > 1 else "")
+            raise GPT2Error(f"{data_path}: {exc}{ranks}") from None
         n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
         about = (f"{len(text):,} characters, {n_tokens:,} tokens; train {len(train_loader)} batches of "
-                 f"{args.batch_size}x{config.context_length}, val {len(val_loader)}")
+                 f"{global_batch}x{config.context_length}, val {len(val_loader)}")
     if args.sample_prompt:
         try:
             tokenizer.encode(args.sample_prompt)
@@ -550,6 +667,8 @@ def cmd_train(args) -> int:
         optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
                                    decay_all=args.decay_all, betas=(0.9, args.beta2))
         state, history = TrainState(), History()   # filled in as training goes
+        if comm.rank:   # same weights on every rank, but each its own dropout masks
+            mg.manual_seed(args.seed + 1_000_003 * comm.rank)
     else:
         if saved_state.get("data_sha256") not in (None, data_sha256):
             raise GPT2Error(f"{data_path} is not the text the run in {resume} was trained on (its SHA-256 "
@@ -561,7 +680,13 @@ def cmd_train(args) -> int:
         model = ckpt.model
         optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
                                    decay_all=args.decay_all, betas=(0.9, args.beta2))
+        saved_loader = (ckpt.trainer_state or {}).get("loader")
+        if isinstance(saved_loader, dict) and saved_loader.get("batch_size", train_loader.batch_size) != \
+                train_loader.batch_size:   # trained on another number of ranks
+            ckpt.trainer_state["loader"] = _rebatched_loader_state(saved_loader, train_loader.batch_size,
+                                                                   len(train_loader))
         state, history = ck.restore_training(ckpt, optimizer, train_loader)
+        _restore_rank_rng(comm, ckpt.trainer_state, args.seed, state.step)
         if any(c.startswith("--lr ") for c in changes):   # a new (peak) learning rate from here on
             for g in optimizer.param_groups:
                 g["lr"] = args.lr
@@ -573,6 +698,14 @@ def cmd_train(args) -> int:
                       skip_nonfinite=args.skip_nonfinite, grad_accum=args.grad_accum, min_lr=args.min_lr,
                       eval_final=dataset is not None)
     steps = total_steps(train_loader, cfg)
+    if comm.world_size > 1:
+        _agree_setup(comm, setup, args)     # every rank set up without error, with the same flags
+        if args.zero:
+            from minigrad.zero import ZeroAdamW  # noqa: PLC0415
+
+            optimizer = ZeroAdamW.from_adamw(optimizer, comm)
+        if comm.rank:
+            cfg = dataclasses.replace(cfg, progress=False, sample_prompt=None)   # rank 0 shows them
     print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
           f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
     print(f"data: {data_path} ({about})")
@@ -585,7 +718,17 @@ def cmd_train(args) -> int:
           + ("" if args.decay_all else " (matrices only)") + f", {args.init} init, "
           f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
           f"in {out}/ (newest {args.keep} kept)")
+    if comm.world_size > 1:
+        accum = f" x grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""
+        print(f"data parallel: {comm.world_size} ranks ({comm.name}) x batch {args.batch_size}{accum} = "
+              f"global batch {train_loader.batch_size * args.grad_accum} "
+              f"({train_loader.tokens_per_batch * args.grad_accum:,} tokens per step)"
+              + (f"; ZeRO-1: AdamW moments {optimizer.state_bytes() / 2**20:,.1f} MiB per rank "
+                 f"(unsharded: {2 * 4 * model.num_parameters() / 2**20:,.1f} MiB)" if args.zero else ""))
     if resume is not None:
+        if (saved_state.get("world_size") or 1) != comm.world_size:
+            print(f"the run was trained on {saved_state.get('world_size') or 1} rank(s) and continues on "
+                  f"{comm.world_size}: the global batch is now {train_loader.batch_size}")
         print(f"resuming {resume} at step {state.step} (epoch {train_loader.epoch + 1}, batch "
               f"{train_loader.batch_index + 1} of {len(train_loader)})"
               + (f"; changed: {', '.join(changes)}" if changes else ""))
@@ -593,7 +736,7 @@ def cmd_train(args) -> int:
             print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps "
                   "to train further")
     sys.stdout.flush()
-    if args.overwrite:
+    if args.overwrite and comm.rank == 0:
         _clear_out_dir(out)
 
     # 4. Train, saving a checkpoint every --save-every steps, at the end and on Ctrl-C.
@@ -603,14 +746,24 @@ def cmd_train(args) -> int:
         saved = {"step": state.step, "dir": resume}    # that step is saved already
 
     def snapshot() -> dict:
-        return {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+        snap = {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
                 "skipped_steps": state.skipped_steps, "loader": train_loader.state_dict(),
                 "history": history.to_dict(), "run": run, "data_sha256": data_sha256,
                 "best_val_loss": best["val_loss"]}
+        if comm.world_size > 1:   # (a collective) every rank's dropout generator, for an exact resume
+            snap |= {"world_size": comm.world_size,
+                     "rank_rng_states": comm.all_gather_object(mg.get_rng_state())}
+        return snap
 
     def save() -> Path:
+        # Every rank takes part (ZeRO's moments and the generators are gathered); rank 0 writes.
+        full_optimizer = optimizer.consolidated() if hasattr(optimizer, "consolidated") else optimizer
+        snap = snapshot()
+        if comm.rank:
+            saved["step"], saved["dir"] = state.step, out / ck.checkpoint_name(state.step)
+            return saved["dir"]
         try:
-            saved["dir"] = ck.save_run_checkpoint(out, model, optimizer, snapshot(), step=state.step,
+            saved["dir"] = ck.save_run_checkpoint(out, model, full_optimizer, snap, step=state.step,
                                                   keep=args.keep, tokenizer=tokenizer)
         except OSError as exc:   # disk full, permissions: the previous checkpoint is untouched
             last = ck.latest_checkpoint(out)
@@ -632,8 +785,9 @@ def cmd_train(args) -> int:
         v = history.val_losses[-1]
         if math.isfinite(v) and (best["val_loss"] is None or v < best["val_loss"]):
             best["val_loss"] = v
-            ck.save_run_checkpoint(out, model, None, {"step": state.step, "val_loss": v}, step=state.step,
-                                   tokenizer=tokenizer, name=BEST_DIR)
+            if comm.rank == 0:   # every rank has the same validation loss; rank 0 writes
+                ck.save_run_checkpoint(out, model, None, {"step": state.step, "val_loss": v},
+                                       step=state.step, tokenizer=tokenizer, name=BEST_DIR)
 
     def on_step(st) -> None:
         if args.keep_best:
@@ -641,24 +795,38 @@ def cmd_train(args) -> int:
         if st.step % args.save_every == 0:
             save()
 
+    first_step = state.step
     with _graceful_stop() as stop:
+        def stop_asked() -> bool:   # a signal on any rank stops every rank after the same step
+            if comm.world_size > 1:
+                sig = int(comm.all_reduce_scalars([stop["signal"] or 0], op="max")[0])
+                stop["signal"] = stop["signal"] or (sig or None)
+            return stop["signal"] is not None
+
         try:
             run_training(model, train_loader, val_loader, optimizer, cfg, tokenizer=tokenizer, state=state,
-                         history=history, on_step=on_step, stop=lambda: stop["signal"] is not None)
+                         history=history, on_step=on_step, stop=stop_asked, comm=comm)
         except NonFiniteError as exc:
             last = ck.latest_checkpoint(out)
             kept = (f"the last good checkpoint, {last}, is kept: resume from it with `{PROG} train --resume "
                     f"{out}` (e.g. with a lower --lr)" if last is not None else
                     "no checkpoint had been saved yet (--save-every N saves one every N steps)")
-            raise GPT2Error(f"{exc}; {kept}") from None
+            err = GPT2Error(f"{exc}; {kept}")
+            err.every_rank = True    # the loss and gradient norm are the same on every rank
+            raise err from None
         # 5. The final checkpoint (its weights were saved already if the last step was a save step).
         if saved["step"] == state.step:
-            ck.update_trainer_state(saved["dir"], {"history": history.to_dict()})
+            if comm.rank == 0:
+                ck.update_trainer_state(saved["dir"], {"history": history.to_dict()})
             final = saved["dir"]
         else:
             final = save()
     print(f"saved checkpoint {final} (step {state.step}; {out / ck.LATEST_FILE} names it)")
-    if history.epochs:
+    if comm.world_size > 1:
+        steps_run = max(state.step - first_step, 1)
+        print(f"collectives on rank 0: {comm.seconds:.2f} s in {comm.calls} calls, "
+              f"{1000 * comm.seconds / steps_run:.1f} ms per step (waiting for the other ranks included)")
+    if history.epochs and comm.rank == 0:
         plot = plot_losses(history, out / "loss.png")
         print(f"saved loss plot to {plot}")
         if args.keep_best and best["val_loss"] is not None:
@@ -669,6 +837,8 @@ def cmd_train(args) -> int:
               f"({state.tokens_seen / max(history.seconds, 1e-9):,.0f} tokens/s)")
     if stop["signal"] is not None:
         name = signal.Signals(stop["signal"]).name
+        if comm.rank:
+            return 128 + stop["signal"]
         print(f"{name}: training stopped at step {state.step} and saved {final}; resume with: "
               f"{PROG} train --resume {out}", file=sys.stderr, flush=True)
         return 128 + stop["signal"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import minigrad as mg
-from minigrad import backend, nn
+from minigrad import backend, distributed, nn
 from minigrad import functional as F
 from minigrad.optim import AdamW, WarmupCosine, clip_grad_norm_
 
@@ -256,6 +256,29 @@ def steps_per_epoch(train_loader, cfg: TrainConfig) -> int:
     return len(train_loader) // cfg.grad_accum
 
 
+def reduce_gradients(model, optimizer, bucket, grad_clip: float | None) -> float:
+    """Data parallelism's one extra step, between backward and the update: average the
+    gradients over the ranks, then clip; returns the global gradient norm (the same on every
+    rank). ZeRO-1 (an optimizer with `reduce_gradients`) keeps only its shard of the average;
+    otherwise `bucket` all-reduces them (None: one rank, nothing to average)."""
+    if hasattr(optimizer, "reduce_gradients"):
+        optimizer.reduce_gradients()
+        return optimizer.clip_grad_norm_(grad_clip) if grad_clip is not None else optimizer.grad_norm()
+    if bucket is not None:
+        bucket.average_()
+    if grad_clip is not None:
+        return clip_grad_norm_(model.parameters(), grad_clip)
+    return grad_norm(model.parameters())
+
+
+def rank_slice(x, y, comm):
+    """This rank's rows of a global batch: rank r of N takes rows [r B, (r+1) B), B = rows / N."""
+    if comm.world_size == 1:
+        return x, y
+    b = len(x) // comm.world_size
+    return x[comm.rank * b:(comm.rank + 1) * b], y[comm.rank * b:(comm.rank + 1) * b]
+
+
 def total_steps(train_loader, cfg: TrainConfig) -> int:
     n = cfg.epochs * steps_per_epoch(train_loader, cfg)
     return n if cfg.max_steps is None else min(n, cfg.max_steps)
@@ -289,7 +312,7 @@ def accumulate_gradients(model, batches) -> float:
 def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None = None, *,
           tokenizer=None, state: TrainState | None = None, history: History | None = None,
           on_step: Callable[[TrainState], None] | None = None, log: Callable[[str], None] | None = None,
-          stop: Callable[[], bool] | None = None, **overrides) -> History:
+          stop: Callable[[], bool] | None = None, comm=None, **overrides) -> History:
     """Train `model` in place and return the History of evaluations.
 
     `config` fields may also be given as keyword arguments (`train(..., epochs=2)`). To continue a
@@ -301,12 +324,23 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
 
     A NaN or infinite loss or gradient raises NonFiniteError naming the step, before the update
     is applied; with `skip_nonfinite` the step is skipped instead (counted in state.skipped_steps).
+
+    Data parallelism: with `comm` (a `minigrad.distributed` communicator of N ranks, every rank
+    calling train() with the same model, optimizer and loader), each loader batch is the *global*
+    batch: rank r trains on its rows, the gradients are averaged over the ranks before clipping,
+    and the loss and NaN guard use the average over the ranks, so every rank takes the same step.
+    `stop()` must then answer the same on every rank (the CLI agrees it across ranks).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     window, ctx = train_loader.dataset.max_length, model.config.context_length
     if window > ctx:
         raise GPT2Error(f"the training windows are {window} tokens long, more than the model's context "
                         f"length {ctx}; use windows of at most {ctx} tokens")
+    comm = comm if comm is not None else distributed.SingleProcess()
+    if train_loader.batch_size % comm.world_size:
+        raise GPT2Error(f"the loader's batch of {train_loader.batch_size} windows does not split evenly over "
+                        f"{comm.world_size} ranks; give it a batch of ranks x per-rank batch")
+    bucket = distributed.GradientBucket(model.parameters(), comm) if comm.world_size > 1 else None
     state = state if state is not None else TrainState(epoch=train_loader.epoch)
     history = history if history is not None else History()
     n_total = total_steps(train_loader, cfg)
@@ -341,11 +375,11 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
                 if schedule is not None:
                     optimizer.set_lr(schedule(state.step))
                 optimizer.zero_grad()
-                loss_value = accumulate_gradients(model, micro)   # p.grad: the step's gradient
-                if cfg.grad_clip is not None:
-                    norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    norm = grad_norm(model.parameters())
+                loss_value = accumulate_gradients(   # p.grad: this rank's gradient of the step
+                    model, [rank_slice(xb, yb, comm) for xb, yb in micro])
+                norm = reduce_gradients(model, optimizer, bucket, cfg.grad_clip)   # averaged over ranks
+                if comm.world_size > 1:               # the global batch's loss, on every rank
+                    loss_value = float(comm.all_reduce_scalars([loss_value])[0]) / comm.world_size
                 finite = math.isfinite(loss_value) and math.isfinite(norm)
                 if not finite:
                     what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)

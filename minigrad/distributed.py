@@ -87,6 +87,14 @@ def init(timeout: float | None = None) -> Communicator:
     return mpi
 
 
+def for_backend(comm: Communicator) -> Communicator:
+    """The communicator for the backend now in use: an MPI one becomes NCCL once the backend is
+    cupy (the CLI picks the backend after starting MPI); anything else is returned as is."""
+    if isinstance(comm, MPICommunicator) and backend.get_backend() == "cupy":
+        return NCCLCommunicator(comm)
+    return comm
+
+
 def flatten_into(arrays, out):
     """Copy arrays one after the other into the flat buffer `out` (its first sum(sizes) items)."""
     offset = 0
