@@ -12,7 +12,7 @@ from gpt2_helpers import python_for
 REPO = Path(__file__).resolve().parent.parent
 
 # Chapters that run quickly enough for the default test run; append new ones here.
-CHAPTERS = ["01_autograd.py", "03_attention.py", "06_pretrained.py"]
+CHAPTERS = ["01_autograd.py", "03_attention.py", "06_pretrained.py", "08_data_parallel.py"]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])

@@ -154,6 +154,11 @@ def test_collectives_and_zero_on_two_ranks():
     assert "rank 0 ok" in out and "rank 1 ok" in out
 
 
+def test_chapter_08_runs_on_two_ranks():
+    out = _ok(_run([_mpiexec(), "-n", "2", sys.executable, str(REPO / "chapters" / "08_data_parallel.py")]))
+    assert "2 rank(s), communicator: MPICommunicator" in out and "chapter 08 done" in out
+
+
 def test_a_hung_rank_makes_the_others_exit_with_a_clear_error():
     t0 = time.monotonic()
     result = _run([_mpiexec(), "-n", "2", sys.executable, str(WORKER), "hang"], timeout=60,
