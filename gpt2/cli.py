@@ -619,7 +619,7 @@ def _cmd_train(args, comm, setup: dict) -> int:
     else:
         _check_resume_out(out, resume, saved_state.get("step", 0))
     _use_backend(args.backend)
-    comm = distributed.for_backend(comm)     # NCCL between GPUs with --backend cupy
+    distributed.select_device(comm)          # with --backend cupy: the GPU of this rank
 
     # 2. Data. A text file: GPT-2 tokens, windows of context_length in order (stride =
     #    context_length), 90/10 split by characters. A prepared dataset: its tokenizer (the model's
@@ -700,6 +700,7 @@ def _cmd_train(args, comm, setup: dict) -> int:
     steps = total_steps(train_loader, cfg)
     if comm.world_size > 1:
         _agree_setup(comm, setup, args)     # every rank set up without error, with the same flags
+        comm = distributed.for_backend(comm)  # NCCL between GPUs with --backend cupy
         if args.zero:
             from minigrad.zero import ZeroAdamW  # noqa: PLC0415
 

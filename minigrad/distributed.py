@@ -87,9 +87,18 @@ def init(timeout: float | None = None) -> Communicator:
     return mpi
 
 
+def select_device(comm: Communicator) -> None:
+    """On the cupy backend, make this rank's GPU (local rank modulo the GPUs here) the current
+    device, before any array is made. No communication; nothing to do on NumPy."""
+    if backend.get_backend() == "cupy":
+        cp = backend.xp
+        cp.cuda.Device(comm.local_rank % cp.cuda.runtime.getDeviceCount()).use()
+
+
 def for_backend(comm: Communicator) -> Communicator:
     """The communicator for the backend now in use: an MPI one becomes NCCL once the backend is
-    cupy (the CLI picks the backend after starting MPI); anything else is returned as is."""
+    cupy (the CLI picks the backend after starting MPI); anything else is returned as is.
+    A collective (the NCCL id is broadcast): every rank calls it."""
     if isinstance(comm, MPICommunicator) and backend.get_backend() == "cupy":
         return NCCLCommunicator(comm)
     return comm
@@ -315,8 +324,7 @@ class NCCLCommunicator(Communicator):
         if not getattr(self.nccl, "available", True):
             raise DistributedError("NCCL is not available to CuPy; install it with pip install "
                                    '"nvidia-nccl-cu12" (or -cu13), or train with --backend numpy')
-        n_devices = cp.cuda.runtime.getDeviceCount()
-        cp.cuda.Device(self.local_rank % n_devices).use()
+        select_device(self)
         uid = self.nccl.get_unique_id() if self.rank == 0 else None
         uid = mpi.broadcast_object(uid)              # every rank joins the same NCCL clique
         self.comm = self.nccl.NcclCommunicator(self.world_size, uid, self.rank)
