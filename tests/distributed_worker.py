@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under `mpiexec -n N python tests/distributed_worker.py MODE`.
 
     collectives   every collective of minigrad.distributed against NumPy computed on one rank,
-                  and ZeroAdamW against plain AdamW (bit for bit) with different gradients per rank
+                  and ZeroAdamW against plain AdamW (bit for bit) with different gradients per rank;
+                  on the backend in use: with MINIGRAD_BACKEND=cupy (on a GPU, or on the stand-in
+                  through tests/cupy_standin/run.py) the communicator is NCCL's
     hang          the last rank stops (SIGSTOP) before an all-reduce; the others must time out
 
 Prints "rank R ok" per rank on success; any failed assert exits non-zero.
@@ -18,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import minigrad as mg  # noqa: E402
 from minigrad import distributed  # noqa: E402
 from minigrad.nn import Parameter  # noqa: E402
 from minigrad.optim import AdamW  # noqa: E402
@@ -28,6 +31,15 @@ def rank_data(rank: int, n: int) -> np.ndarray:
     return np.random.default_rng([7, rank]).standard_normal(n).astype(np.float32)
 
 
+def dev(a: np.ndarray):
+    """A host array on the backend in use."""
+    return mg.backend.asarray(a)
+
+
+def host(a) -> np.ndarray:
+    return mg.to_numpy(a)
+
+
 def check_collectives(comm) -> None:
     r, w = comm.rank, comm.world_size
     every = [rank_data(k, 12 * w) for k in range(w)]
@@ -35,20 +47,21 @@ def check_collectives(comm) -> None:
     for a in every[1:]:
         total += a
 
-    buf = rank_data(r, 12 * w)
+    buf = dev(rank_data(r, 12 * w))
     comm.all_reduce_(buf, average=False)
-    assert np.array_equal(buf, total), "all-reduce sum"
-    buf = rank_data(r, 12 * w)
+    assert np.array_equal(host(buf), total), "all-reduce sum"
+    buf = dev(rank_data(r, 12 * w))
     comm.all_reduce_(buf)
-    np.testing.assert_allclose(buf, total / w, rtol=1e-6)
+    np.testing.assert_allclose(host(buf), total / w, rtol=1e-6)
 
-    shard = np.empty(12, dtype=np.float32)
-    comm.reduce_scatter(rank_data(r, 12 * w), shard, average=False)
-    assert np.array_equal(shard, total[12 * r:12 * (r + 1)]), "reduce-scatter"
+    shard = dev(np.empty(12, dtype=np.float32))
+    comm.reduce_scatter(dev(rank_data(r, 12 * w)), shard, average=False)
+    assert np.array_equal(host(shard), total[12 * r:12 * (r + 1)]), "reduce-scatter"
 
-    gathered = np.empty(12 * w, dtype=np.float32)
-    comm.all_gather_(rank_data(r, 12), gathered)
-    assert np.array_equal(gathered, np.concatenate([rank_data(k, 12) for k in range(w)])), "all-gather"
+    gathered = dev(np.empty(12 * w, dtype=np.float32))
+    comm.all_gather_(dev(rank_data(r, 12)), gathered)
+    want = np.concatenate([rank_data(k, 12) for k in range(w)])
+    assert np.array_equal(host(gathered), want), "all-gather"
 
     assert comm.all_reduce_scalars([r, 1.0]).tolist() == [sum(range(w)), w]
     assert comm.all_reduce_scalars([r], op="max").tolist() == [w - 1]
@@ -65,7 +78,7 @@ def check_zero(comm) -> None:
 
     def params():
         g = np.random.default_rng(1)
-        return [Parameter(g.standard_normal(s).astype(np.float32)) for s in shapes]
+        return [Parameter(dev(g.standard_normal(s).astype(np.float32))) for s in shapes]
 
     def groups(ps):
         return [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}]
@@ -81,20 +94,20 @@ def check_zero(comm) -> None:
             total = grads[0][k].copy()
             for g in grads[1:]:
                 total += g[k]
-            p.grad = total / np.float32(w)
+            p.grad = dev(total / np.float32(w))
         for k, p in enumerate(zero_params):
-            p.grad = grads[comm.rank][k].copy()
+            p.grad = dev(grads[comm.rank][k])
         ref.step()
         zero.reduce_gradients()
         zero.clip_grad_norm_(1e9)      # a no-op clip, to exercise the global norm
         zero.step()
     for a, b in zip(ref_params, zero_params):
-        assert np.array_equal(a.data, b.data), "ZeroAdamW weights differ from AdamW's"
+        assert np.array_equal(host(a.data), host(b.data)), "ZeroAdamW weights differ from AdamW's"
     got, want = zero.state_dict(), ref.state_dict()
     assert got["step"] == want["step"] and got["groups"] == want["groups"]
     assert got["tensors"].keys() == want["tensors"].keys()
     for k in want["tensors"]:
-        assert np.array_equal(got["tensors"][k], want["tensors"][k]), f"moment {k}"
+        assert np.array_equal(host(got["tensors"][k]), host(want["tensors"][k])), f"moment {k}"
     assert zero.state_bytes() * w >= 2 * 4 * sum(p.size for p in ref_params)
     assert zero.state_bytes() <= 2 * 4 * (-(-sum(p.size for p in ref_params) // w))
 
@@ -102,6 +115,8 @@ def check_zero(comm) -> None:
 def main() -> None:
     mode = sys.argv[1]
     comm = distributed.init()
+    expected = "NCCLCommunicator" if mg.get_backend() == "cupy" and comm.world_size > 1 else None
+    assert expected is None or type(comm).__name__ == expected, type(comm).__name__
     assert comm.world_size == int(os.environ.get("PMI_SIZE", comm.world_size))
     if mode == "collectives":
         check_collectives(comm)
@@ -109,9 +124,9 @@ def main() -> None:
     elif mode == "hang":
         if comm.rank == comm.world_size - 1:
             os.kill(os.getpid(), signal.SIGSTOP)
-        comm.all_reduce_(np.ones(4, dtype=np.float32))
+        comm.all_reduce_(dev(np.ones(4, dtype=np.float32)))
         raise SystemExit("the all-reduce returned although a rank was stopped")
-    print(f"rank {comm.rank} ok", flush=True)
+    print(f"rank {comm.rank} ok ({type(comm).__name__}, {mg.get_backend()})", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from minigrad.zero import ZeroAdamW
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "distributed_worker.py"
+STANDIN_RUN = REPO / "tests" / "cupy_standin" / "run.py"
 SHARED = REPO.parent / "shared"
 
 
@@ -151,7 +152,59 @@ def _ok(result) -> str:
 
 def test_collectives_and_zero_on_two_ranks():
     out = _ok(_run([_mpiexec(), "-n", "2", sys.executable, str(WORKER), "collectives"]))
-    assert "rank 0 ok" in out and "rank 1 ok" in out
+    assert "rank 0 ok (MPICommunicator, numpy)" in out and "rank 1 ok" in out
+
+
+def test_nccl_collectives_and_zero_on_two_ranks_on_the_cupy_standin():
+    """The NCCL path (device pointers, NCCL dtypes, the unique id over MPI, event polling) on the
+    CuPy stand-in, whose cupy.cuda.nccl runs the collectives over MPI."""
+    out = _ok(_run([_mpiexec(), "-n", "2", sys.executable, str(STANDIN_RUN), str(WORKER), "collectives"],
+                   MINIGRAD_BACKEND="cupy"))
+    assert "rank 0 ok (NCCLCommunicator, cupy)" in out and "rank 1 ok (NCCLCommunicator, cupy)" in out
+
+
+@pytest.mark.gpu
+def test_nccl_collectives_on_real_gpus():
+    cupy = pytest.importorskip("cupy")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        n = 0
+    if n < 2:
+        pytest.skip("needs 2 CUDA GPUs (NCCL puts one rank on each)")
+    out = _ok(_run([_mpiexec(), "-n", "2", sys.executable, str(WORKER), "collectives"],
+                   MINIGRAD_BACKEND="cupy"))
+    assert "rank 1 ok (NCCLCommunicator, cupy)" in out
+
+
+def test_standin_nccl_has_cupys_signatures():
+    """tests/cupy_standin/nccl.py against the signatures compiled into the installed CuPy's NCCL
+    module (readable from the extension's docstrings even where libnccl is missing)."""
+    import importlib.util
+    import inspect
+    import re
+
+    spec = importlib.util.find_spec("cupy_backends")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("CuPy is not installed")
+    libs = Path(next(iter(spec.submodule_search_locations))) / "cuda" / "libs"
+    compiled = [p for p in libs.glob("nccl*.so")] + [p for p in libs.glob("nccl*.pyd")]
+    if not compiled:
+        pytest.skip("this CuPy has no NCCL module")
+    text = compiled[0].read_bytes().decode("latin-1")
+    sys.path.insert(0, str(REPO / "tests"))
+    from cupy_standin import nccl
+
+    for name in ("allReduce", "reduceScatter", "allGather", "broadcast", "bcast"):
+        found = re.search(rf"NcclCommunicator\.{name}\(self, ([^)]*)\)", text)
+        assert found, name
+        real = [arg.split()[-1] for arg in found.group(1).split(", ")]
+        ours = list(inspect.signature(getattr(nccl.NcclCommunicator, name)).parameters)[1:]
+        assert ours == real, (name, ours, real)
+    found = re.search(r"NcclCommunicator\(int ndev, (\w+) commId, int rank, NcclConfig config=None\)", text)
+    assert found and found.group(1) == "bytes"       # CuPy 14: the unique id is bytes
+    assert list(inspect.signature(nccl.NcclCommunicator).parameters) == ["ndev", "commId", "rank", "config"]
+    assert isinstance(nccl.get_unique_id(), bytes) and len(nccl.get_unique_id()) == 128
 
 
 def test_chapter_08_runs_on_two_ranks():
@@ -237,6 +290,22 @@ def test_zero_equals_plain_data_parallel_bit_for_bit(runs):
     per_rank, full = (float(x) for x in
                       log.split("AdamW moments ")[1].replace(" MiB per rank (unsharded:", "").split()[:2])
     assert abs(per_rank - full / 2) < 0.1                       # memory per rank: half
+
+
+def test_nccl_two_ranks_equal_one_rank_on_the_cupy_standin(story, tmp_path):
+    """`--backend cupy` on 2 ranks (NCCL, ZeRO-1) against 1 rank with the global batch, both on the
+    stand-in (the same initial weights: CuPy's generator differs from NumPy's)."""
+    def train(ranks, out, *flags):
+        cmd = [sys.executable, str(STANDIN_RUN), "-m", "gpt2", "train", "--data", str(story), *TINY,
+               "--backend", "cupy", "--max-steps", "2", "--dropout", "0", "--out", str(out), *flags]
+        return _ok(_run([_mpiexec(), "-n", str(ranks), *cmd] if ranks else cmd))
+
+    train(0, tmp_path / "one", "--batch-size", "4")
+    log = train(2, tmp_path / "two", "--batch-size", "2", "--zero", "1")
+    assert "data parallel: 2 ranks (nccl)" in log
+    one, two = _weights(tmp_path / "one" / "ckpt-000002"), _weights(tmp_path / "two" / "ckpt-000002")
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_resume_on_two_ranks_is_exact_and_on_one_rank_continues(runs, story):

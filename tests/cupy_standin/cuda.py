@@ -1,10 +1,13 @@
-"""cupy.cuda, as far as the project uses it: one device, synchronisation, device properties.
+"""cupy.cuda, as far as the project uses it: one device, synchronisation, device properties,
+streams and events, and `nccl` (tests/cupy_standin/nccl.py).
 
 Everything runs synchronously on the CPU, so synchronising is a no-op; the device reports
 itself as a stand-in so that no output of a test run can be mistaken for a real GPU's.
 """
 
 from __future__ import annotations
+
+from . import nccl  # noqa: F401 - cupy.cuda.nccl (data-parallel collectives, over MPI)
 
 DEVICE_NAME = "CuPy stand-in (CPU)"
 
@@ -70,12 +73,36 @@ class _Runtime:
 runtime = _Runtime()
 
 
+class Event:
+    """A CUDA event: work queued before it has finished when `done` (here: always, since
+    everything runs synchronously)."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.ptr = 0
+
+    @property
+    def done(self):
+        return True
+
+    def record(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 class Stream:
     def __init__(self, null=False, non_blocking=False, ptr=0):
         self.ptr = ptr
 
     def synchronize(self):
         return None
+
+    def record(self, event=None):
+        """Record `event` (a new one if None) on this stream and return it."""
+        event = event if event is not None else Event()
+        event.record(self)
+        return event
 
     def use(self):
         return self
