@@ -178,8 +178,9 @@ def test_nccl_collectives_on_real_gpus():
 
 
 def test_standin_nccl_has_cupys_signatures():
-    """tests/cupy_standin/nccl.py against the signatures compiled into the installed CuPy's NCCL
-    module (readable from the extension's docstrings even where libnccl is missing)."""
+    """tests/cupy_standin/_nccl.py (the stand-in's cupy.cuda.nccl) against the signatures compiled
+    into the installed CuPy's NCCL module (readable from the extension's docstrings even where
+    libnccl is missing)."""
     import importlib.util
     import inspect
     import re
@@ -193,7 +194,7 @@ def test_standin_nccl_has_cupys_signatures():
         pytest.skip("this CuPy has no NCCL module")
     text = compiled[0].read_bytes().decode("latin-1")
     sys.path.insert(0, str(REPO / "tests"))
-    from cupy_standin import nccl
+    from cupy_standin.cuda import nccl
 
     for name in ("allReduce", "reduceScatter", "allGather", "broadcast", "bcast"):
         found = re.search(rf"NcclCommunicator\.{name}\(self, ([^)]*)\)", text)
@@ -205,6 +206,8 @@ def test_standin_nccl_has_cupys_signatures():
     assert found and found.group(1) == "bytes"       # CuPy 14: the unique id is bytes
     assert list(inspect.signature(nccl.NcclCommunicator).parameters) == ["ndev", "commId", "rank", "config"]
     assert isinstance(nccl.get_unique_id(), bytes) and len(nccl.get_unique_id()) == 128
+    real = pytest.importorskip("cupy")   # the real one: what else the NCCL path uses exists there
+    assert hasattr(real.cuda.Stream, "record") and hasattr(real.cuda.Event, "done")
 
 
 def test_chapter_08_runs_on_two_ranks():

@@ -1,5 +1,5 @@
 """cupy.cuda, as far as the project uses it: one device, synchronisation, device properties,
-streams and events, and `nccl` (tests/cupy_standin/nccl.py).
+streams and events, and `nccl` (tests/cupy_standin/_nccl.py).
 
 Everything runs synchronously on the CPU, so synchronising is a no-op; the device reports
 itself as a stand-in so that no output of a test run can be mistaken for a real GPU's.
@@ -7,7 +7,7 @@ itself as a stand-in so that no output of a test run can be mistaken for a real 
 
 from __future__ import annotations
 
-from . import nccl  # noqa: F401 - cupy.cuda.nccl (data-parallel collectives, over MPI)
+from . import _nccl as nccl  # noqa: F401 - cupy.cuda.nccl (data-parallel collectives, over MPI)
 
 DEVICE_NAME = "CuPy stand-in (CPU)"
 

@@ -1,4 +1,5 @@
-"""cupy.cuda.nccl for the stand-in: NCCL's communicator imitated over MPI (mpi4py).
+"""cupy.cuda.nccl for the stand-in (`cupy_standin.cuda.nccl`, as in CuPy): NCCL's communicator
+imitated over MPI (mpi4py).
 
 The real `cupy.cuda.nccl.NcclCommunicator` takes raw device pointers (`array.data.ptr`), an
 element count, an NCCL datatype and op, and a CUDA stream pointer. Stand-in arrays report the
