@@ -57,6 +57,10 @@ class _Parser(argparse.ArgumentParser):
     errors, instead of the usage block followed by the message."""
 
     def error(self, message):
+        from minigrad.distributed import launched_rank  # noqa: PLC0415
+
+        if launched_rank() > 0:   # under mpiexec every rank parses the same line: rank 0 reports
+            self.exit(2)
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 

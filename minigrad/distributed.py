@@ -55,6 +55,16 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not started by mpiexec/srun), for the
+    few things decided before MPI starts (only rank 0 reports a bad command line)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def default_timeout() -> float:
     value = os.environ.get("MINIGRAD_DIST_TIMEOUT")
     if not value:

@@ -338,6 +338,11 @@ def test_flags_that_differ_between_ranks_are_one_error(story, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_flag_under_mpiexec_is_one_line():
+    result = _run([_mpiexec(), "-n", "2", sys.executable, "-m", "gpt2", "train", "--zero", "3"])
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and "--zero" in result.stderr
+
+
 def test_an_error_on_one_rank_only_is_reported_once_by_rank_0(story, tmp_path):
     base = [sys.executable, "-m", "gpt2", "train", *TINY, "--out", str(tmp_path / "o")]
     result = _run([_mpiexec(), "-n", "1", *base, "--data", str(story), ":",
