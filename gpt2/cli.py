@@ -439,14 +439,17 @@ def _graceful_stop():
     """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
     step and save a checkpoint; a second Ctrl-C stops at once, without saving (the previous
     checkpoint stays the latest). Yields a dict whose "signal" is set when asked to stop."""
+    from minigrad.distributed import launched_rank  # noqa: PLC0415
+
     flag = {"signal": None}
 
     def handler(signum, frame):
         if flag["signal"] is not None:
             raise KeyboardInterrupt
         flag["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-              "(press Ctrl-C again to quit at once without saving)", file=sys.stderr, flush=True)
+        if launched_rank() == 0:   # under mpiexec: rank 0 speaks for all (every rank stops together)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                  "(press Ctrl-C again to quit at once without saving)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():
         yield flag

@@ -338,6 +338,13 @@ def test_flags_that_differ_between_ranks_are_one_error(story, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_nan_guard_stops_every_rank_with_one_error(story, tmp_path):
+    result = _train(2, tmp_path / "o", story, "--batch-size", "2", "--max-steps", "5", "--lr", "1e30",
+                    "--zero", "1", check=False)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1, result.stderr
+    assert "the loss became nan at step 1" in result.stderr
+
+
 def test_a_bad_flag_under_mpiexec_is_one_line():
     result = _run([_mpiexec(), "-n", "2", sys.executable, "-m", "gpt2", "train", "--zero", "3"])
     assert result.returncode == 2 and result.stderr.count("error:") == 1 and "--zero" in result.stderr
