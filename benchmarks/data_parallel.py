@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/data_parallel.py --batch-size 2                  # 1 rank x 2 threads
     OMP_NUM_THREADS=1 mpiexec -n 2 python benchmarks/data_parallel.py --batch-size 1     # 2 ranks x 1 thread
     OMP_NUM_THREADS=1 mpiexec -n 2 python benchmarks/data_parallel.py --batch-size 1 --zero 1
+    mpiexec -n 2 python benchmarks/data_parallel.py --allreduce-only        # the collective alone
 
 The model is the course run's (GPT-2 124M shape, context 256, untied head, dropout 0.1) unless
 overridden; the tokens are random (speed does not depend on them). Each step is the training
@@ -45,9 +46,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--zero", type=int, choices=[0, 1], default=0)
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    p.add_argument("--allreduce-only", action="store_true",
+                   help="time only all-reduces of a float32 buffer as large as the model's parameters")
     args = p.parse_args()
 
     comm = distributed.init()
+    if args.allreduce_only:
+        allreduce_only(comm, args)
+        return
     overrides = {k: v for k, v in (("n_layers", args.n_layers), ("emb_dim", args.emb_dim),
                                    ("n_heads", args.n_heads)) if v is not None}
     config = course_config(context_length=args.context_length, **overrides)
@@ -107,6 +113,35 @@ def main() -> None:
           f"{med['optimizer']:.3f}")
     print(f"  {result['tokens_per_s']:,.0f} tokens/s; optimizer state per rank "
           + ", ".join(f"{m:,.1f} MiB" for m in result["optimizer_state_mib_per_rank"]))
+
+
+def allreduce_only(comm, args) -> None:
+    """The gradient all-reduce alone: `comm.all_reduce_` (non-blocking, polled against the
+    deadline) and, for comparison, MPI's blocking Allreduce on the same buffer."""
+    overrides = {k: v for k, v in (("n_layers", args.n_layers), ("emb_dim", args.emb_dim),
+                                   ("n_heads", args.n_heads)) if v is not None}
+    config = course_config(context_length=args.context_length, **overrides)
+    with mg.backend.no_init():
+        n = GPTModel(config).num_parameters()
+    buf = np.ones(n, dtype=np.float32)
+    times = {"polled": [], "blocking": []}
+    for i in range(args.warmup + args.steps):
+        for mode in times:
+            comm.barrier()
+            t0 = time.perf_counter()
+            if mode == "polled" or comm.world_size == 1:
+                comm.all_reduce_(buf, average=False)
+            else:
+                from mpi4py import MPI  # noqa: PLC0415
+
+                comm.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if i >= args.warmup:
+                times[mode].append(time.perf_counter() - t0)
+    if comm.rank == 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"all-reduce of {n:,} float32 ({4 * n / 2**20:,.0f} MiB) on {comm.world_size} rank(s), "
+              f"medians of {args.steps}: {med['polled']:.3f} s polled against the deadline, "
+              f"{med['blocking']:.3f} s blocking ({4 * n / med['polled'] / 1e9:.2f} GB/s of buffer)")
 
 
 if __name__ == "__main__":
