@@ -30,7 +30,6 @@ from minigrad.zero import ZeroAdamW
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "distributed_worker.py"
 STANDIN_RUN = REPO / "tests" / "cupy_standin" / "run.py"
-SHARED = REPO.parent / "shared"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,11 +132,9 @@ def _mpiexec() -> str:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MINIGRAD_DIST_TIMEOUT": "60", **extra}
-    if "TIKTOKEN_CACHE_DIR" not in env and (SHARED / "tiktoken_cache").is_dir():
-        env["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
-    return env
+    # (tests/conftest.py has put the offline vocabulary and story in the environment, if present)
+    return {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MINIGRAD_DIST_TIMEOUT": "60", **extra}
 
 
 def _run(cmd, timeout=120, **env) -> subprocess.CompletedProcess:
@@ -229,8 +226,6 @@ def story(tmp_path_factory):
     """A text for the CLI runs, and the GPT-2 vocabulary (both offline), else skip."""
     from gpt2_helpers import tokenizer_or_skip, verdict_or_skip
 
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
     tokenizer_or_skip()
     return verdict_or_skip()
 
