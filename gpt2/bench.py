@@ -2,6 +2,7 @@
 
     python -m gpt2 bench                          # the course run's model and batch, on NumPy
     python -m gpt2 bench --backend cupy --json    # on a GPU, one JSON line
+    python -m gpt2 bench --preset shakespeare-char --steps 50 --warmup 10 --no-generate
 
 What is measured, after `warmup` untimed steps, over `steps` timed ones (median, min, max):
 
@@ -15,13 +16,15 @@ What is measured, after `warmup` untimed steps, over `steps` timed ones (median,
 * greedy generation of `gen_tokens` tokens from a `prompt_len`-token prompt, batch 1, with and
   without the KV cache, in tokens per second.
 
-The defaults match the PyTorch reference in `../shared/bench/torch_train_step.py` (GPT-2 124M
-shape, context 256, dropout 0.1, no qkv bias, untied head, batch 2, AdamW lr 4e-4, wd 0.1), so the
-two can be run side by side. The Python API is `bench(config, ...) -> dict`.
+The defaults match the PyTorch reference in the repository's `benchmarks/torch_train_step.py`
+(GPT-2 124M shape, context 256, dropout 0.1, no qkv bias, untied head, batch 2, AdamW lr 4e-4,
+wd 0.1), so the two can be run side by side; `--preset shakespeare-char` times nanoGPT's small
+character-level model instead. The Python API is `bench(config, ...) -> dict`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -262,16 +265,35 @@ def _device_name() -> str:
 # the command line
 # ---------------------------------------------------------------------------------------------
 
+# Named shapes a user can time with one flag; explicit flags still override them.
+PRESETS = {
+    # nanoGPT's CPU Shakespeare model (its README's `--device=cpu` run): character level (65
+    # symbols), 4 layers, 4 heads, 128 wide, context 64, batch 12, tied head, no dropout.
+    "shakespeare-char": dict(vocab_size=65, n_layers=4, n_heads=4, emb_dim=128, context_length=64,
+                             batch_size=12, tie_embeddings=True, dropout=0.0),
+}
+
+
 def add_arguments(parser) -> None:
     """Add the bench flags to an argparse (sub)parser. Model flags are those of `train`."""
     parser.add_argument("--model", default="gpt2-124m", choices=list(MODEL_SIZES),
                         help="model size (default gpt2-124m, with the course run's settings: "
                              "context 256, dropout 0.1, no qkv bias, untied head)")
+    parser.add_argument("--preset", default=None, choices=list(PRESETS),
+                        help="a named shape: shakespeare-char = nanoGPT's CPU Shakespeare model "
+                             "(vocab 65, 4 layers, 4 heads, 128 wide, context 64, batch 12, tied "
+                             "head, dropout 0); flags given as well override it")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
     parser.add_argument("--n-layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--n-heads", type=int, default=None, help="override the number of heads")
     parser.add_argument("--emb-dim", type=int, default=None, help="override the embedding width")
-    parser.add_argument("--context-length", type=int, default=256, help="tokens per sequence (256)")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (2)")
+    parser.add_argument("--context-length", type=int, default=None, help="tokens per sequence (256)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (2)")
+    parser.add_argument("--dropout", type=float, default=None, help="dropout probability (0.1)")
+    parser.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None,
+                        help="biases on the query/key/value projection (default: no)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="output head shares the token embedding (default: no)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
                         help="numpy (CPU) or cupy (GPU)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (5)")
@@ -281,19 +303,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line of results")
 
 
-def config_from_args(args) -> GPTConfig:
-    overrides = dict(COURSE_DEFAULTS, context_length=args.context_length)
-    for flag, field in (("n_layers", "n_layers"), ("n_heads", "n_heads"), ("emb_dim", "emb_dim")):
-        value = getattr(args, flag, None)
+def settings_from_args(args) -> dict:
+    """Course defaults, then the preset, then every flag the user gave."""
+    settings = dict(COURSE_DEFAULTS, batch_size=2)
+    settings.update(PRESETS.get(getattr(args, "preset", None), {}))
+    for field in ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length", "batch_size",
+                  "dropout", "qkv_bias", "tie_embeddings"):
+        value = getattr(args, field, None)
         if value is not None:
-            overrides[field] = value
-    return config_for(args.model, **overrides)
+            settings[field] = value
+    return settings
+
+
+def config_from_args(args) -> GPTConfig:
+    settings = settings_from_args(args)
+    settings.pop("batch_size")
+    return config_for(args.model, **settings)
 
 
 def run(args) -> int:
     """Run the benchmark for parsed `args`; print a table (or one JSON line); return 0."""
     config = config_from_args(args)
-    res = bench(config, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+    res = bench(config, batch_size=settings_from_args(args)["batch_size"], steps=args.steps, warmup=args.warmup,
                 backend_name=args.backend, generation=not args.no_generate, gen_tokens=args.gen_tokens)
     if args.json:
         print(json.dumps(res))
@@ -339,8 +370,6 @@ def format_report(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
     _parser = argparse.ArgumentParser(prog="python -m gpt2.bench", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_parser)

@@ -118,6 +118,7 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
 
 
 def _forward_last(model, ids: np.ndarray, cache) -> np.ndarray:
-    """Logits of the last position, as a float64 host array (B, V)."""
-    logits = model(ids, cache)
+    """Logits of the last position, as a float64 host array (B, V). Only that position goes
+    through the final layer norm and the output head."""
+    logits = model(ids, cache, last_only=True)
     return backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)

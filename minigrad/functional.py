@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from . import backend, kernels
-from .tensor import Tensor, _lift
+from .tensor import Tensor, _lift, is_grad_enabled
 
 
 def _xp():
@@ -35,17 +35,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
       dL/db = sum of g over rows   (out,)
     """
     parents = (x, weight) if bias is None else (x, weight, bias)
-    y = x.data @ weight.data.T
+    # The leading axes are flattened into rows first: (B, T, in) @ (in, out) as one (B*T, in)
+    # GEMM. Left 3-D, NumPy's matmul would call BLAS once per batch element with a (T, in)
+    # matrix, about twice as slow for small T.
+    x2 = x.data.reshape(-1, x.shape[-1])                           # (N, in)
+    y = x2 @ weight.data.T                                         # (N, out)
     if bias is not None:
         y += bias.data
-    out = Tensor._make(y, parents)
+    out = Tensor._make(y.reshape(x.shape[:-1] + (weight.shape[0],)), parents)
     if out.requires_grad:
         def backward(g):
+            g2 = g.reshape(-1, g.shape[-1])                        # (N, out)
             if x.requires_grad:
-                x._accumulate(g @ weight.data)
-            g2 = g.reshape(-1, g.shape[-1])
+                x._accumulate((g2 @ weight.data).reshape(x.shape))
             if weight.requires_grad:
-                weight._accumulate(g2.T @ x.data.reshape(-1, x.shape[-1]))
+                weight._accumulate(g2.T @ x2)
             if bias is not None and bias.requires_grad:
                 bias._accumulate(g2.sum(axis=0))
         out._backward = backward
@@ -96,13 +100,16 @@ def gelu(x: Tensor) -> Tensor:
     Backward (product rule, then chain rule through tanh):
       dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,
       du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
-    Only x is saved; tanh(u) is recomputed in backward (it is cheap, and x is alive anyway).
-    The arithmetic lives in `kernels` (in-place NumPy, or one fused CuPy kernel).
+    Saved: tanh(u) on the CPU (recomputing it would cost a third of the backward pass); x is
+    alive anyway. The arithmetic lives in `kernels` (in-place NumPy over cache-sized chunks, or
+    one fused CuPy kernel, which recomputes tanh(u) at no cost).
     """
     xd = x.data
-    out = Tensor._make(kernels.gelu_forward(xd), (x,))
-    if out.requires_grad:
-        out._backward = lambda g: x._accumulate(kernels.gelu_backward(xd, g))
+    if not (x.requires_grad and is_grad_enabled()):
+        return Tensor._make(kernels.gelu_forward(xd), (x,))
+    y, saved = kernels.gelu_forward_saving(xd)
+    out = Tensor._make(y, (x,))
+    out._backward = lambda g: x._accumulate(kernels.gelu_backward(xd, g, saved))
     return out
 
 
@@ -276,7 +283,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     S = q.data @ xp.swapaxes(k.data, -1, -2)
     S *= q.dtype.type(scale)
     if causal:
-        S[..., causal_mask(q.shape[-2], k.shape[-2])] = -xp.inf  # in place: no second (B, H, T, T)
+        # in place (no second (B, H, T, T) array); copyto with `where` broadcasts the (Tq, Tk)
+        # mask over (B, H) in one pass, ~8x faster than boolean-mask assignment S[..., mask] = x
+        xp.copyto(S, -xp.inf, where=causal_mask(q.shape[-2], k.shape[-2]))
     P = _softmax_array(S, -1, out=S)  # the scores are not needed again: P takes their buffer
     if dropout_p > 0.0:
         if not 0.0 < dropout_p < 1.0:

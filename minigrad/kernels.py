@@ -39,53 +39,89 @@ def _on_gpu() -> bool:
 # GELU
 # ---------------------------------------------------------------------------------------------
 
-def gelu_forward(x):
-    """y = 0.5 x (1 + tanh(u)),  u = C x (1 + A x^2)  (= C (x + A x^3), one multiply fewer).
+ELEMENTWISE_CHUNK = 1 << 15  # elements per chunk of an elementwise formula: 128 KiB per float32 buffer
 
-    NumPy: one output buffer, updated in place. (`x ** 3` would be ~100x slower than `x * x * x`
-    in float32: NumPy's power ufunc has no fast path for the exponent 3.)
+
+def _chunks(n: int, size: int):
+    """Slices that cut range(n) into pieces of at most `size` elements."""
+    return (slice(s, min(s + size, n)) for s in range(0, n, size))
+
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(u)),  u = C x (1 + A x^2)  (= C (x + A x^3), one multiply fewer)."""
+    return gelu_forward_saving(x)[0]
+
+
+def gelu_forward_saving(x):
+    """-> (y, saved): GELU(x) and what `gelu_backward` can reuse (tanh(u) on NumPy; None on CuPy,
+    whose fused backward kernel recomputes it for free).
+
+    NumPy: in place, over chunks of ELEMENTWISE_CHUNK elements. Each formula is a sequence of ~10
+    whole-array operations; on a whole (B, T, 4C) array every one of them streams megabytes through
+    memory, while on a chunk the buffers stay in the core's L2 cache after the first touch (2-3x
+    faster at GPT-2 124M's size). The same operations in the same order, so the result is
+    bit-identical to the whole-array version. (`x ** 3` would be ~100x slower than `x * x * x` in
+    float32: NumPy's power ufunc has no fast path for the exponent 3.)
     """
     if _on_gpu():
-        return _cupy_kernels().gelu_forward(x)
-    y = x * x
-    y *= GELU_A
-    y += 1.0
-    y *= x
-    y *= GELU_C          # u
-    np.tanh(y, out=y)    # tanh(u)
-    y += 1.0
-    y *= x
-    y *= 0.5
-    return y
+        return _cupy_kernels().gelu_forward(x), None
+    xf = x.reshape(-1)
+    y, t = np.empty_like(xf), np.empty_like(xf)
+    for c in _chunks(xf.size, ELEMENTWISE_CHUNK):
+        xc, yc, tc = xf[c], y[c], t[c]
+        np.multiply(xc, xc, out=tc)
+        tc *= GELU_A
+        tc += 1.0
+        tc *= xc
+        tc *= GELU_C         # u
+        np.tanh(tc, out=tc)  # tanh(u), kept for the backward pass
+        np.add(tc, 1.0, out=yc)
+        yc *= xc
+        yc *= 0.5
+    return y.reshape(x.shape), t.reshape(x.shape)
 
 
-def gelu_backward(x, g):
+def gelu_backward(x, g, tanh_u=None):
     """dL/dx = g * [0.5 (1 + t) + 0.5 x (1 - t^2) du/dx],  t = tanh(u),  du/dx = C (1 + 3A x^2).
 
-    tanh(u) is recomputed from x rather than saved in the forward pass (cheap, and it saves
-    memory the size of the MLP's hidden activations per layer).
+    `tanh_u` is t as saved by `gelu_forward_saving` (memory the size of the MLP's hidden
+    activations, per layer), which saves recomputing u and its tanh; without it, t is recomputed
+    from x. NumPy: in place, chunk by chunk, as the forward pass.
     """
     if _on_gpu():
         return _cupy_kernels().gelu_backward(x, g)
-    x2 = x * x
-    t = x2 * GELU_A
-    t += 1.0
-    t *= x
-    t *= GELU_C
-    np.tanh(t, out=t)                  # t = tanh(u)
-    dudx = x2                          # reuse: du/dx = C (1 + 3A x^2)
-    dudx *= 3.0 * GELU_A
-    dudx += 1.0
-    dudx *= GELU_C
-    dudx *= x                          # x du/dx
-    sech2 = t * t                      # (x2's buffer now holds dudx, so one more buffer)
-    np.subtract(1.0, sech2, out=sech2)  # 1 - t^2 = sech^2 u
-    dudx *= sech2                      # x (1 - t^2) du/dx
-    t += 1.0
-    dudx += t                          # (1 + t) + x (1 - t^2) du/dx
-    dudx *= 0.5
-    dudx *= g
-    return dudx
+    xf, gf = x.reshape(-1), g.reshape(-1)
+    tf = None if tanh_u is None else tanh_u.reshape(-1)
+    dx = np.empty_like(xf)
+    n = min(xf.size, ELEMENTWISE_CHUNK)
+    t_buf, s_buf = np.empty(n, dtype=xf.dtype), np.empty(n, dtype=xf.dtype)
+    for c in _chunks(xf.size, ELEMENTWISE_CHUNK):
+        xc, gc, d = xf[c], gf[c], dx[c]
+        k = c.stop - c.start
+        sech2 = s_buf[:k]
+        if tf is None:
+            t = t_buf[:k]
+            np.multiply(xc, xc, out=t)
+            t *= GELU_A
+            t += 1.0
+            t *= xc
+            t *= GELU_C
+            np.tanh(t, out=t)              # t = tanh(u)
+        else:
+            t = tf[c]                      # read only
+        np.multiply(xc, xc, out=d)
+        d *= 3.0 * GELU_A
+        d += 1.0
+        d *= GELU_C                        # du/dx = C (1 + 3A x^2)
+        d *= xc                            # x du/dx
+        np.multiply(t, t, out=sech2)
+        np.subtract(1.0, sech2, out=sech2)  # 1 - t^2 = sech^2 u
+        d *= sech2                         # x (1 - t^2) du/dx
+        np.add(t, 1.0, out=sech2)          # (the buffer is free again: 1 + t)
+        d += sech2                         # (1 + t) + x (1 - t^2) du/dx
+        d *= 0.5
+        d *= gc
+    return dx.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------

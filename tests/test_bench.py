@@ -51,7 +51,21 @@ def test_defaults_are_the_course_run():
     cfg = bench.config_from_args(args)
     assert (cfg.n_layers, cfg.n_heads, cfg.emb_dim, cfg.vocab_size) == (12, 12, 768, 50257)
     assert (cfg.context_length, cfg.dropout, cfg.qkv_bias, cfg.tie_embeddings) == (256, 0.1, False, False)
-    assert (args.batch_size, args.backend, args.json, args.no_generate) == (2, "numpy", False, False)
+    assert bench.settings_from_args(args)["batch_size"] == 2
+    assert (args.backend, args.json, args.no_generate) == ("numpy", False, False)
+
+
+def test_shakespeare_char_preset_and_overrides():
+    # nanoGPT's CPU Shakespeare model; flags given beside the preset win
+    cfg = bench.config_from_args(_parse(["--preset", "shakespeare-char"]))
+    assert (cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.emb_dim) == (65, 4, 4, 128)
+    assert (cfg.context_length, cfg.dropout, cfg.qkv_bias, cfg.tie_embeddings) == (64, 0.0, False, True)
+    assert bench.settings_from_args(_parse(["--preset", "shakespeare-char"]))["batch_size"] == 12
+    args = _parse(["--preset", "shakespeare-char", "--batch-size", "3", "--no-tie-embeddings",
+                   "--dropout", "0.2", "--vocab-size", "100", "--qkv-bias"])
+    cfg = bench.config_from_args(args)
+    assert (cfg.vocab_size, cfg.dropout, cfg.qkv_bias, cfg.tie_embeddings) == (100, 0.2, True, False)
+    assert bench.settings_from_args(args)["batch_size"] == 3
 
 
 def test_run_json_prints_one_parsable_line(capsys):
