@@ -324,7 +324,8 @@ def config_from_args(args) -> GPTConfig:
 def run(args) -> int:
     """Run the benchmark for parsed `args`; print a table (or one JSON line); return 0."""
     config = config_from_args(args)
-    res = bench(config, batch_size=settings_from_args(args)["batch_size"], steps=args.steps, warmup=args.warmup,
+    batch_size = settings_from_args(args)["batch_size"]
+    res = bench(config, batch_size=batch_size, steps=args.steps, warmup=args.warmup,
                 backend_name=args.backend, generation=not args.no_generate, gen_tokens=args.gen_tokens)
     if args.json:
         print(json.dumps(res))
