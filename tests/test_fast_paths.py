@@ -59,6 +59,33 @@ def test_gelu_keeps_float32():
     np.testing.assert_allclose(kernels.gelu_forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gelu_chunked_and_saved_tanh_are_bit_identical(monkeypatch):
+    # Chunking and reusing the forward's tanh(u) change where the numbers are computed, not how:
+    # the same operations in the same order, so the results are equal to the last bit.
+    x = rand(3, 7, 11, scale=3.0).astype(np.float32)
+    g = rand(3, 7, 11, seed=1).astype(np.float32)
+    y_whole, t_whole = kernels.gelu_forward_saving(x)
+    dx_recomputed = kernels.gelu_backward(x, g)
+    dx_saved = kernels.gelu_backward(x, g, t_whole)
+    assert np.array_equal(dx_saved, dx_recomputed)
+    monkeypatch.setattr(kernels, "ELEMENTWISE_CHUNK", 10)  # many chunks and a ragged last one
+    y_chunked, t_chunked = kernels.gelu_forward_saving(x)
+    assert np.array_equal(y_chunked, y_whole) and np.array_equal(t_chunked, t_whole)
+    assert np.array_equal(kernels.gelu_forward(x), y_whole)
+    assert np.array_equal(kernels.gelu_backward(x, g, t_chunked), dx_saved)
+    assert np.array_equal(kernels.gelu_backward(x, g), dx_saved)
+    np.testing.assert_allclose(t_whole, np.tanh(kernels.GELU_C * (x + kernels.GELU_A * x ** 3)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_under_no_grad_keeps_nothing_for_backward():
+    x = mg.Tensor(rand(4, 8).astype(np.float32), requires_grad=True)
+    with mg.no_grad():
+        y = F.gelu(x)
+    assert y._backward is None and not y.requires_grad
+    np.testing.assert_array_equal(y.data, F.gelu(x).data)
+
+
 # --- layer norm -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -149,6 +149,18 @@ def test_kv_cache_gives_the_same_logits():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full[:, 6:], atol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_last_only_gives_the_last_positions_logits(use_cache):
+    # generation asks for the last position only: the final layer norm and the head run on it alone
+    model = tiny_model().eval()
+    ids = np.random.default_rng(1).integers(0, 64, size=(2, 9))
+    with mg.no_grad():
+        full = model(ids, model.new_cache(2) if use_cache else None).numpy()
+        last = model(ids, model.new_cache(2) if use_cache else None, last_only=True).numpy()
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_are_clear_errors():
     model = tiny_model()
     with pytest.raises(GPT2Error, match="context length"):

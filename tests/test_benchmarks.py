@@ -1,0 +1,64 @@
+"""benchmarks/: the PyTorch references run their --help without torch, say clearly when torch is
+missing, and (where torch is installed; it is not a dependency) compute what our engine computes.
+
+Nothing here times anything; the default suite needs neither torch nor transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = ["torch_train_step.py", "hf_generate.py", "same_run.py"]
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=BENCH.parent)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_runs_without_torch(script):
+    done = _run(BENCH / script, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "torch" in done.stdout
+
+
+@pytest.mark.skipif(HAVE_TORCH, reason="torch is installed here; this checks the message without it")
+@pytest.mark.parametrize("script", ["torch_train_step.py", "hf_generate.py"])
+def test_missing_torch_is_a_clear_error(script):
+    done = _run(BENCH / script, "--steps", "1") if script == "torch_train_step.py" else \
+        _run(BENCH / script, "--runs", "1")
+    assert done.returncode == 2
+    assert "needs PyTorch" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (optional: the bench-torch extra)")
+def test_torch_reference_loads_our_weights_and_gives_our_loss(tmp_path):
+    # The same model in both engines: our initial weights and batch give PyTorch the same loss.
+    from safetensors.numpy import save_file
+
+    from gpt2 import GPTConfig, GPTModel
+    from minigrad import functional as F
+
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
+                    dropout=0.0, qkv_bias=False, tie_embeddings=False)
+    model = GPTModel(cfg)
+    save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict().items()},
+              str(tmp_path / "w.safetensors"))
+    batch = np.random.default_rng(0).integers(0, 97, (1, 2, 17))
+    np.save(tmp_path / "b.npy", batch)
+    ours = F.cross_entropy(model(batch[0, :, :-1]), batch[0, :, 1:]).item()
+    done = _run(BENCH / "torch_train_step.py", "--vocab", 97, "--ctx", 16, "--emb", 32, "--heads", 2,
+                "--layers", 2, "--batch", 2, "--dropout", 0, "--threads", 1, "--json",
+                "--init-from", tmp_path / "w.safetensors", "--batches", tmp_path / "b.npy")
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])["losses"][0]
+    assert abs(theirs - ours) < 1e-5
