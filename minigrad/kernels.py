@@ -135,11 +135,28 @@ def softmax_lastaxis(z, out=None):
     """
     if _on_gpu():
         return _cupy_kernels().softmax(z)
-    m = z.max(axis=-1, keepdims=True)
+    m = _row_max(z)
     e = np.subtract(z, m, out=out)
     np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
     return e
+
+
+SHORT_ROW = 64  # rows up to this length take their max through a transposed copy (`_row_max`)
+
+
+def _row_max(z):
+    """z.max(axis=-1, keepdims=True), faster for short rows (attention scores at context <= 64).
+
+    NumPy reduces each short row separately, at a fixed cost per row: for (B, H, 64, 64) scores
+    that is ~2x the time of copying the scores transposed and taking the maxima over the other
+    axis, which runs as whole-row elementwise `maximum` passes. A maximum does not depend on the
+    order it is taken in, so both give the same numbers, bit for bit.
+    """
+    if z.ndim < 2 or z.shape[-1] > SHORT_ROW:
+        return z.max(axis=-1, keepdims=True)
+    zt = np.ascontiguousarray(np.swapaxes(z, -1, -2))  # (..., n, rows): row r is column r now
+    return np.expand_dims(zt.max(axis=-2), -1)
 
 
 def softmax_cross_entropy(z, t_safe, valid):

@@ -78,6 +78,16 @@ def test_gelu_chunked_and_saved_tanh_are_bit_identical(monkeypatch):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 5, kernels.SHORT_ROW, kernels.SHORT_ROW + 1])
+def test_row_max_of_short_rows_is_the_max(n):
+    z = rand(3, 4, 6, n).astype(np.float32)
+    z[0, 0, 0, -1] = np.inf
+    z[1, 2, 3, 0] = np.nan
+    z[2, 1, :, : max(1, n // 2)] = -np.inf
+    np.testing.assert_array_equal(kernels._row_max(z), z.max(axis=-1, keepdims=True))
+    np.testing.assert_array_equal(kernels._row_max(z[0, 0]), z[0, 0].max(axis=-1, keepdims=True))
+
+
 def test_gelu_under_no_grad_keeps_nothing_for_backward():
     x = mg.Tensor(rand(4, 8).astype(np.float32), requires_grad=True)
     with mg.no_grad():
