@@ -530,7 +530,7 @@ def _pieces(t, indexes):
         def backward(g):
             buf = shared["buf"]
             if buf is not None and t.grad is buf:
-                buf[index] += g
+                buf[index] = g  # the pieces do not overlap: this part of the buffer is still 0
                 return
             buf = backend.xp.zeros_like(t.data)
             buf[index] = g
