@@ -48,6 +48,7 @@ def _x(*shape):
 
 WRAPPER_CALLS = {
     "gelu_forward": lambda: kernels.gelu_forward(_x(B, T, 4 * C)),
+    "gelu_forward_saving": lambda: kernels.gelu_forward_saving(_x(B, T, 4 * C)),
     "gelu_backward": lambda: kernels.gelu_backward(_x(B, T, 4 * C), _x(B, T, 4 * C)),
     "softmax_lastaxis": lambda: kernels.softmax_lastaxis(_x(B, H, T, T)),
     "softmax_cross_entropy": lambda: kernels.softmax_cross_entropy(
