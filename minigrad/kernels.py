@@ -8,7 +8,7 @@ per operator. So:
 
 * On the CPU (NumPy) each formula is written as a short sequence of *in-place* operations
   (`out=`, `*=`): no temporaries beyond one or two scratch buffers, and no fresh memory for the
-  operating system to page in. AdamW additionally walks its arrays in cache-sized chunks (below).
+  operating system to page in. AdamW and GELU additionally walk their arrays in cache-sized chunks.
   These NumPy versions are the reference ("twin") that the tests compare the GPU kernels against.
 * On the GPU (CuPy) each formula is one `ElementwiseKernel`: a single pass over memory instead of
   one launch and one round trip through GPU memory per operator. Kernels are compiled lazily, the
