@@ -41,6 +41,11 @@ TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_lay
 COURSE = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
 
 
+def course_config() -> GPTConfig:
+    """The course run's model: GPT-2 124M's shape at context 256 (chapter 05, `bench`'s default)."""
+    return config_for("gpt2-124m", **COURSE)
+
+
 def _sync():
     if mg.get_backend() == "cupy":
         mg.backend.xp.cuda.Device().synchronize()
@@ -173,7 +178,7 @@ def _model_and_batches(quick: bool, steps: int, batch_size: int):
         from .data import create_loaders, load_text  # noqa: PLC0415
         from .tokenizer import get_tokenizer  # noqa: PLC0415
 
-        config = config_for("gpt2-small", **COURSE)
+        config = course_config()
         loader, _ = create_loaders(load_text(), batch_size=batch_size, max_length=config.context_length,
                                    seed=123, tokenizer=get_tokenizer())
         batches = [b for _, b in zip(range(steps), loader)]
@@ -228,7 +233,7 @@ def check_generation(model: GPTModel, new_tokens: int = 30) -> dict:
 def check_bench(quick: bool) -> dict:
     from . import bench  # noqa: PLC0415
 
-    config = TINY if quick else config_for("gpt2-small", **COURSE)
+    config = TINY if quick else course_config()
     res = bench.bench(config, batch_size=2 if quick else 8, steps=3, warmup=1, backend_name=mg.get_backend(),
                       generation=False, matmul_size=256 if quick else None)
     return {"batch": f"{res['batch_size']}x{res['context_length']}",

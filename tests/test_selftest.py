@@ -47,3 +47,14 @@ def test_a_wrong_kernel_fails_the_selftest(capsys, monkeypatch):
     assert "gelu_forward (float32): relative error" in report["checks"]["kernels"]["error"]
     assert "FAIL  kernels" in out and "checks passed" in out
     assert np.isfinite(report["checks"]["training"]["last_loss"])   # the other checks still ran
+
+
+def test_the_full_run_uses_the_course_model():
+    """Without --quick, training and bench use the 124M course shape (context 256, no qkv bias)."""
+    from gpt2 import selftest
+    from gpt2.bench import COURSE_DEFAULTS
+    from gpt2.config import config_for
+
+    config = selftest.course_config()
+    assert config == config_for("gpt2-124m", **COURSE_DEFAULTS) and config.context_length == 256
+    assert config.num_parameters() == 162_419_712
