@@ -67,7 +67,9 @@ def environment() -> dict:
         info["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
         info["cuda_driver"] = cp.cuda.runtime.driverGetVersion()
     else:
-        info["device"] = f"{platform.processor() or platform.machine()} CPU"
+        from .bench import _device_name  # noqa: PLC0415 - the CPU's model name, as bench reports it
+
+        info["device"] = _device_name()
     return info
 
 
