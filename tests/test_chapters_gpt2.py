@@ -17,9 +17,9 @@ from gpt2_helpers import python_for, tokenizer_or_skip, verdict_or_skip
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(chapter, tmp_path, timeout, backend="numpy", **env):
-    tokenizer_or_skip()
-    verdict_or_skip()
+def _run(chapter, tmp_path, timeout, backend="numpy", needs=(tokenizer_or_skip, verdict_or_skip), **env):
+    for need in needs:   # skip, with the reason, where the chapter's material is not available
+        need()
     result = subprocess.run([*python_for(backend), str(REPO / "chapters" / chapter)], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path),
@@ -62,15 +62,7 @@ def _shakespeare_or_skip():
 
 
 def _run_07(tmp_path, timeout, backend="numpy", **env):
-    _shakespeare_or_skip()
-    result = subprocess.run([*python_for(backend), str(REPO / "chapters" / "07_shakespeare.py")], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "MPLBACKEND": "Agg", "GPT2_CHAPTER_OUT": str(tmp_path),
-                                 "MINIGRAD_BACKEND": backend, **env})
-    assert result.returncode == 0, (f"07_shakespeare.py exited with {result.returncode}\n"
-                                    f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
-                                    f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
-    return result.stdout
+    return _run("07_shakespeare.py", tmp_path, timeout, backend, needs=(_shakespeare_or_skip,), **env)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
