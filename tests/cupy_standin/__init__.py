@@ -21,7 +21,8 @@ What it cannot catch: launch-configuration errors, races, memory faults and GPU 
 
 from __future__ import annotations
 
-from . import cuda, random  # noqa: F401
+from . import _random as random  # noqa: F401 - cupy.random (named _random: never shadows the stdlib)
+from . import cuda  # noqa: F401
 from ._api import *  # noqa: F401,F403 - the CuPy namespace
 from ._api import __all__ as _api_all
 from ._array import ndarray  # noqa: F401

@@ -16,7 +16,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, where cupy_standin lives
+    # tests/, where cupy_standin lives, *instead of* this script's own folder (which Python put
+    # first, and whose module names must not shadow anything)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
     # minigrad reads MINIGRAD_BACKEND when imported; hold it back until the stand-in is in place.
     wanted = os.environ.pop("MINIGRAD_BACKEND", None)
     import cupy_standin  # noqa: PLC0415
