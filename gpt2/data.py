@@ -222,7 +222,26 @@ class GPTDataset:
         return x[0], y[0]
 
 
-class DataLoader:
+class EpochPosition:
+    """The position of a loader in its stream of batches: (epoch, batch_index), moved by iterating.
+
+    A loader supplies `batches(epoch, start)` and `len()`. Iterating gives the rest of the
+    current epoch and then moves on to the next; the position moves *before* each batch is
+    handed out, so a checkpoint saved while the caller works on it resumes with the next one
+    (after the last batch: the next epoch)."""
+
+    epoch = 0
+    batch_index = 0
+
+    def __iter__(self):
+        for x, y in self.batches(self.epoch, self.batch_index):
+            self.batch_index += 1
+            if self.batch_index == len(self):
+                self.epoch, self.batch_index = self.epoch + 1, 0
+            yield x, y
+
+
+class DataLoader(EpochPosition):
     """Batches of windows, optionally shuffled, one epoch after another.
 
     Iterating gives the rest of the current epoch, batch by batch, and then moves on to the next
@@ -272,15 +291,6 @@ class DataLoader:
         order = self.order(self.epoch if epoch is None else epoch)
         for i in range(start, len(self)):
             yield self.dataset.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
-
-    def __iter__(self):
-        # The position moves *before* each batch is handed out, so a checkpoint saved while the
-        # caller works on it resumes with the next one (after the last batch: the next epoch).
-        for x, y in self.batches(self.epoch, self.batch_index):
-            self.batch_index += 1
-            if self.batch_index == len(self):
-                self.epoch, self.batch_index = self.epoch + 1, 0
-            yield x, y
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import EpochPosition
 from .errors import GPT2Error
 from .prepare import FORMAT, FORMAT_VERSION, MANIFEST
 from .tokenizer import tokenizer_from_dict
@@ -107,7 +108,7 @@ class PreparedDataset:
             raise GPT2Error(f"{self.folder} ({split} split): {exc}") from None
 
 
-class RandomWindows:
+class RandomWindows(EpochPosition):
     """Batches of random windows from a list of token arrays (a split's shards).
 
     A window never crosses from one shard into the next. Window starts are drawn uniformly over
@@ -185,14 +186,6 @@ class RandomWindows:
         epoch = self.epoch if epoch is None else epoch
         for i in range(start, len(self)):
             yield self.get_batch(epoch * len(self) + i)
-
-    def __iter__(self):
-        # As DataLoader: the position moves before each batch is handed out.
-        for x, y in self.batches(self.epoch, self.batch_index):
-            self.batch_index += 1
-            if self.batch_index == len(self):
-                self.epoch, self.batch_index = self.epoch + 1, 0
-            yield x, y
 
     # -- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -32,8 +32,8 @@ import minigrad as mg
 from minigrad import Tensor, kernels
 from minigrad import functional as F
 
+from . import bench
 from .config import GPTConfig, config_for
-from .generate import generate
 from .model import GPTModel
 
 TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0,
@@ -46,30 +46,20 @@ def course_config() -> GPTConfig:
     return config_for("gpt2-124m", **COURSE)
 
 
-def _sync():
-    if mg.get_backend() == "cupy":
-        mg.backend.xp.cuda.Device().synchronize()
-
-
 # ---------------------------------------------------------------------------------------------
 # what machine is this
 # ---------------------------------------------------------------------------------------------
 
 def environment() -> dict:
-    info = {"backend": mg.get_backend(), "numpy": np.__version__, "python": platform.python_version()}
+    info = {"backend": mg.get_backend(), "numpy": np.__version__, "python": platform.python_version(),
+            "device": bench._device_name()}   # the GPU's name, or the CPU's model name
     if mg.get_backend() == "cupy":
         cp = mg.backend.xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        name = props["name"]
-        info["device"] = name.decode() if isinstance(name, bytes) else str(name)
         info["compute_capability"] = f"{props.get('major', '?')}.{props.get('minor', '?')}"
         info["cupy"] = getattr(cp, "__version__", "?")
         info["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
         info["cuda_driver"] = cp.cuda.runtime.driverGetVersion()
-    else:
-        from .bench import _device_name  # noqa: PLC0415 - the CPU's model name, as bench reports it
-
-        info["device"] = _device_name()
     return info
 
 
@@ -195,14 +185,14 @@ def check_training(quick: bool, steps: int | None = None, batch_size: int = 2) -
     opt = mg.optim.AdamW(model.parameters(), lr=1e-2 if quick else 4e-4, weight_decay=0.1)
     losses, times = [], []
     for x, y in batches:
-        _sync()
+        bench._sync()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        _sync()
+        bench._sync()
         times.append(time.perf_counter() - t0)
     if not all(np.isfinite(losses)):
         raise AssertionError(f"non-finite loss: {losses}")
@@ -216,25 +206,16 @@ def check_training(quick: bool, steps: int | None = None, batch_size: int = 2) -
 
 
 def check_generation(model: GPTModel, new_tokens: int = 30) -> dict:
-    """Greedy decoding of the trained model, with and without the KV cache: identical tokens."""
-    prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 5))
-    out, rate = {}, {}
-    for use_cache in (True, False):
-        generate(model, prompt, 2, temperature=0.0, use_cache=use_cache)  # warm-up
-        _sync()
-        t0 = time.perf_counter()
-        out[use_cache] = generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)
-        _sync()
-        rate[use_cache] = new_tokens / (time.perf_counter() - t0)
-    if not np.array_equal(out[True], out[False]):
-        raise AssertionError(f"KV cache changed the tokens: {out[True].tolist()} vs {out[False].tolist()}")
-    return {"new_tokens": new_tokens, "tokens_per_s_cache": round(rate[True], 1),
-            "tokens_per_s_no_cache": round(rate[False], 1)}
+    """Greedy decoding of the trained model, with and without the KV cache (bench's timing):
+    the tokens must be identical."""
+    res = bench.bench_generation(model, new_tokens, prompt_len=5, runs=1, seed=2)
+    if not res["same_tokens_cache_vs_no_cache"]:
+        raise AssertionError("the KV cache changed the generated tokens")
+    return {"new_tokens": new_tokens, "tokens_per_s_cache": res["cache"]["tokens_per_s"],
+            "tokens_per_s_no_cache": res["no_cache"]["tokens_per_s"]}
 
 
 def check_bench(quick: bool) -> dict:
-    from . import bench  # noqa: PLC0415
-
     config = TINY if quick else course_config()
     res = bench.bench(config, batch_size=2 if quick else 8, steps=3, warmup=1, backend_name=mg.get_backend(),
                       generation=False, matmul_size=256 if quick else None)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 from . import backend, kernels
-from .distributed import Communicator, flatten_into
+from .distributed import Communicator, flatten_into, unflatten_from
 from .optim import AdamW
 
 
@@ -145,10 +145,7 @@ class ZeroAdamW(AdamW):
                                   self.v[s:s + b - a], lr, b1, b2, eps, wd, t)
             self.weight_shard[s:s + b - a] = w
         self.comm.all_gather_(self.weight_shard, self.flat)
-        offset = 0
-        for p in params:
-            p.data.reshape(-1)[...] = self.flat[offset:offset + p.size]
-            offset += p.size
+        unflatten_from(self.flat, [p.data for p in params])
         self._reduced = False
 
     # -- memory and checkpoints ----------------------------------------------------------------

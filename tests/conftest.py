@@ -103,20 +103,18 @@ class _CupyWithoutGpu:
                 raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
 
 
+def _cupy_not_installed():
+    raise ModuleNotFoundError("No module named 'cupy'")
+
+
 @pytest.fixture(params=["not installed", "no GPU"])
 def cupy_unusable(request, monkeypatch):
     """Make `set_backend("cupy")` fail as it does without CuPy, or with CuPy but no GPU."""
-    if request.param == "not installed":
-        def missing():
-            raise ModuleNotFoundError("No module named 'cupy'")
-        monkeypatch.setattr(minigrad.backend, "_import_cupy", missing)
-    else:
-        monkeypatch.setattr(minigrad.backend, "_import_cupy", lambda: _CupyWithoutGpu)
+    found = _cupy_not_installed if request.param == "not installed" else (lambda: _CupyWithoutGpu)
+    monkeypatch.setattr(minigrad.backend, "_import_cupy", found)
     return request.param
 
 
 @pytest.fixture
 def cupy_not_installed(monkeypatch):
-    def missing():
-        raise ModuleNotFoundError("No module named 'cupy'")
-    monkeypatch.setattr(minigrad.backend, "_import_cupy", missing)
+    monkeypatch.setattr(minigrad.backend, "_import_cupy", _cupy_not_installed)

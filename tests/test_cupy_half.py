@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
+from gpt2_helpers import ByteTokenizer, python_for, tiny_model, tokenizer_or_skip
 
 import minigrad as mg
 from gpt2 import bench
@@ -27,7 +26,6 @@ from gpt2.data import create_loaders
 from gpt2.train import calc_loss_batch, make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
-STANDIN_RUN = REPO / "tests" / "cupy_standin" / "run.py"
 TEXT = "Every effort moves you closer to the end of the story, said Jack Gisburn. " * 6
 
 
@@ -138,10 +136,8 @@ def test_bench_on_cupy_reports_the_device():
 def test_the_cli_in_a_real_process_on_cupy(checkpoint):
     """`python -m gpt2 generate --backend cupy` as a user runs it (through the stand-in's runner
     where there is no GPU)."""
-    standin = os.environ.get("MINIGRAD_TEST_CUPY") == "standin"
-    prefix = [sys.executable] + ([str(STANDIN_RUN)] if standin else [])
-    result = subprocess.run([*prefix, "-m", "gpt2", "generate", "--checkpoint", str(checkpoint), "--prompt",
-                             "Hello", "--max-new-tokens", "4", "--backend", "cupy"],
+    result = subprocess.run([*python_for("cupy"), "-m", "gpt2", "generate", "--checkpoint", str(checkpoint),
+                             "--prompt", "Hello", "--max-new-tokens", "4", "--backend", "cupy"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-2000:]

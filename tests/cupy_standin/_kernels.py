@@ -328,11 +328,10 @@ class ReductionKernel:
         permuted_shape = tuple(full[d] for d in order)
         arrays = [np.broadcast_to(a, full).transpose(order) for a in in_arrays]
         # The output, viewed in the permuted shape with stride 0 over the reduced axes.
-        out_view = np.lib.stride_tricks.as_strided(
-            result, permuted_shape, result.strides + (0,) * len(axes)) if result.ndim or axes else result
+        out_view = np.lib.stride_tricks.as_strided(result, permuted_shape, result.strides + (0,) * len(axes))
         self.calls.append((dict(bindings), tuple(_kind(a) for a in args), axes))
         fn = compile_source(self.source(bindings), self.name)
-        _call(fn, arrays + [np.broadcast_to(out_view, permuted_shape)], permuted_shape, n_outer, n_inner)
+        _call(fn, arrays + [out_view], permuted_shape, n_outer, n_inner)
         if keepdims:
             result = result.reshape(tuple(1 if d in axes else full[d] for d in range(ndim)))
         if out is not None:
