@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, parallel
 
 GELU_C = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation: u = C (x + A x^3)
 GELU_A = 0.044715
@@ -152,6 +152,23 @@ def softmax_lastaxis(z, out=None):
     return e
 
 
+def softmax_(a, axis):
+    """In place: a becomes its softmax along `axis`, e^(a - max) / sum e^(a - max). Attention's
+    scores take it along their first axis (keys first: see `functional.scaled_dot_product_attention`)
+    or their last.
+
+    NumPy: four passes over `a` and no temporary of its size. CuPy: one fused kernel for the
+    shifted exponentials, written into `a`.
+    """
+    if _on_gpu():
+        return _cupy_kernels().softmax_(a, axis)
+    last = axis in (-1, a.ndim - 1)
+    a -= _row_max(a) if last else a.max(axis=axis, keepdims=True)
+    np.exp(a, out=a)
+    a /= a.sum(axis=axis, keepdims=True)
+    return a
+
+
 SHORT_ROW = 64  # rows up to this length take their max through a transposed copy (`_row_max`)
 
 
@@ -259,10 +276,11 @@ def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
 # AdamW's update
 # ---------------------------------------------------------------------------------------------
 
+ADAMW_PARALLEL_MIN = 1 << 18  # elements per thread at least, for a parameter to be split
 ADAMW_CHUNK = 1 << 16  # elements per chunk: 4 arrays x 256 KiB stay in a core's L2 cache
 
 
-def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch=None):
+def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """One AdamW step for one parameter, in place on w, m, v (g is read only):
 
         w <- w (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
@@ -271,8 +289,9 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch
     NumPy: the same operations in the same order (so results are bit-identical to the
     whole-array version), but over chunks of ADAMW_CHUNK elements. Done on whole arrays, every
     one of the ~12 operations streams all four 650 MB arrays through memory; per chunk, the
-    chunk is loaded from memory once and the other operations hit the cache. `scratch` is an
-    optional float buffer of at least ADAMW_CHUNK elements (one per thread).
+    chunk is loaded from memory once and the other operations hit the cache. A parameter of at
+    least 2 x ADAMW_PARALLEL_MIN elements is cut into one piece per core, updated side by side
+    (`parallel`): each element still goes through the same operations, so the numbers are the same.
     """
     if _on_gpu():
         _cupy_kernels().adamw(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
@@ -284,27 +303,30 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch
         raise ValueError("adamw_update_ needs C-contiguous parameter and state arrays")
     wf, mf, vf = w.reshape(-1), m.reshape(-1), v.reshape(-1)  # views (contiguous)
     gf = g.reshape(-1)  # a view, or a copy when g is not contiguous (it is only read)
-    n = wf.shape[0]
-    if scratch is None or scratch.dtype != w.dtype:
-        scratch = np.empty(min(n, ADAMW_CHUNK), dtype=w.dtype)
-    for s in range(0, n, ADAMW_CHUNK):
-        e = min(s + ADAMW_CHUNK, n)
-        wc, gc, mc, vc, t = wf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s]
-        if weight_decay != 0:
-            wc *= decay
-        mc *= beta1
-        np.multiply(gc, 1 - beta1, out=t)
-        mc += t                            # m = b1 m + (1 - b1) g
-        vc *= beta2
-        np.multiply(gc, gc, out=t)
-        t *= 1 - beta2
-        vc += t                            # v = b2 v + (1 - b2) g^2
-        np.sqrt(vc, out=t)
-        t /= bc2_sqrt
-        t += eps                           # denominator
-        np.divide(mc, t, out=t)
-        t *= step_size
-        wc -= t
+
+    def update(piece):
+        start, stop = piece
+        t_buf = np.empty(min(stop - start, ADAMW_CHUNK), dtype=w.dtype)  # scratch, one per thread
+        for s in range(start, stop, ADAMW_CHUNK):
+            e = min(s + ADAMW_CHUNK, stop)
+            wc, gc, mc, vc, t = wf[s:e], gf[s:e], mf[s:e], vf[s:e], t_buf[:e - s]
+            if weight_decay != 0:
+                wc *= decay
+            mc *= beta1
+            np.multiply(gc, 1 - beta1, out=t)
+            mc += t                            # m = b1 m + (1 - b1) g
+            vc *= beta2
+            np.multiply(gc, gc, out=t)
+            t *= 1 - beta2
+            vc += t                            # v = b2 v + (1 - b2) g^2
+            np.sqrt(vc, out=t)
+            t /= bc2_sqrt
+            t += eps                           # denominator
+            np.divide(mc, t, out=t)
+            t *= step_size
+            wc -= t
+
+    parallel.run(update, parallel.pieces(wf.shape[0], ADAMW_PARALLEL_MIN, align=ADAMW_CHUNK))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +398,11 @@ class _CupyKernels:
         e = self._exp_shift(z, z.max(axis=-1, keepdims=True))
         e /= e.sum(axis=-1, keepdims=True)
         return e
+
+    def softmax_(self, a, axis):
+        self._exp_shift(a, a.max(axis=axis, keepdims=True), a)
+        a /= a.sum(axis=axis, keepdims=True)
+        return a
 
     def exp_shifted_rows(self, z):
         m = z.max(axis=1, keepdims=True)

@@ -358,6 +358,54 @@ def test_attention(backend, Tq, Tk, causal):
                             q, k, v)
 
 
+@pytest.mark.parametrize("keys_first", [True, False])
+@pytest.mark.parametrize("q_shape, Tk", [((4, 3), 4), ((2, 3, 3), 3), ((2, 2, 4, 3), 4), ((1, 3, 2, 3), 5)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_both_score_layouts(backend, monkeypatch, keys_first, q_shape, Tk, causal):
+    """Scores stored keys first or queries first (chosen by shape; forced here) give the same
+    attention: values, gradients (composed twin and finite differences), any number of batch
+    axes, and a KV cache's Tq < Tk."""
+    monkeypatch.setattr(F, "_scores_keys_first", lambda rows, Tk: keys_first)
+    kv_shape = (*q_shape[:-2], Tk, q_shape[-1])
+    q, k, v = t(*q_shape), t(*kv_shape), t(*kv_shape)
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal)
+    close(fn(q, k, v), np_attention(q.numpy(), k.numpy(), v.numpy(), causal))
+    assert_same_as_composed(fn, lambda q, k, v: composed.scaled_dot_product_attention(q, k, v, causal=causal),
+                            q, k, v)
+    assert gradcheck(fn, q, k, v)
+
+
+def test_attention_layouts_draw_the_same_dropout_mask(backend, monkeypatch):
+    """The mask is drawn in (..., Tq, Tk) order whatever the layout: a seeded run is the same."""
+    q, k, v = t(2, 2, 4, 3), t(2, 2, 4, 3), t(2, 2, 4, 3)
+    outs, grads = [], []
+    for keys_first in (True, False):
+        monkeypatch.setattr(F, "_scores_keys_first", lambda rows, Tk, kf=keys_first: kf)
+        a = twins(q, k, v)
+        mg.manual_seed(5)
+        out = F.scaled_dot_product_attention(*a, causal=True, dropout_p=0.4)
+        out.sum().backward()
+        outs.append(out.numpy())
+        grads.append([mg.to_numpy(x.grad) for x in a])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+    for g0, g1 in zip(*grads):
+        np.testing.assert_allclose(g0, g1, rtol=1e-12, atol=1e-14)
+
+
+def test_attention_output_puts_heads_side_by_side_for_free():
+    """The output (B, H, T, D) is stored as (B, T, H, D): merging the heads is a view, not a copy."""
+    q = t(2, 3, 5, 4)
+    out = F.scaled_dot_product_attention(q, q, q)
+    merged = out.data.transpose(0, 2, 1, 3)
+    assert merged.flags.c_contiguous
+    assert np.shares_memory(merged.reshape(2, 5, 12), out.data)
+
+
+def test_attention_picks_keys_first_for_many_short_rows():
+    assert F._scores_keys_first(rows=12 * 4 * 64, Tk=64)        # training: (B, H, T, T) scores
+    assert not F._scores_keys_first(rows=1 * 12 * 1, Tk=100)    # generation with a KV cache
+
+
 def test_attention_with_dropout_gradcheck(backend):
     q, k, v = t(1, 2, 3, 2), t(1, 2, 3, 2), t(1, 2, 3, 2)
 
