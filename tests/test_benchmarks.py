@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["torch_train_step.py", "hf_generate.py", "same_run.py"]
+SCRIPTS = ["torch_train_step.py", "hf_generate.py", "same_run.py", "ops_side_by_side.py"]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -32,10 +32,11 @@ def test_help_runs_without_torch(script):
 
 
 @pytest.mark.skipif(HAVE_TORCH, reason="torch is installed here; this checks the message without it")
-@pytest.mark.parametrize("script", ["torch_train_step.py", "hf_generate.py"])
-def test_missing_torch_is_a_clear_error(script):
-    done = _run(BENCH / script, "--steps", "1") if script == "torch_train_step.py" else \
-        _run(BENCH / script, "--runs", "1")
+@pytest.mark.parametrize("script, args", [("torch_train_step.py", ["--steps", "1"]),
+                                          ("hf_generate.py", ["--runs", "1"]),
+                                          ("ops_side_by_side.py", ["--repeats", "1"])])
+def test_missing_torch_is_a_clear_error(script, args):
+    done = _run(BENCH / script, *args)
     assert done.returncode == 2
     assert "needs PyTorch" in done.stderr and "Traceback" not in done.stderr
 
@@ -62,3 +63,14 @@ def test_torch_reference_loads_our_weights_and_gives_our_loss(tmp_path):
     assert done.returncode == 0, done.stderr
     theirs = json.loads(done.stdout.strip().splitlines()[-1])["losses"][0]
     assert abs(theirs - ours) < 1e-5
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (optional: the bench-torch extra)")
+def test_ops_side_by_side_times_every_op_on_both_sides():
+    done = _run(BENCH / "ops_side_by_side.py", "--batch", 2, "--ctx", 8, "--emb", 16, "--heads", 2,
+                "--layers", 1, "--repeats", 2, "--threads", 1, "--json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    names = [r["op"] for r in result["ops"]]
+    assert len(names) == 5 * 3 + 3 * 2 + 2       # 5 linears x 3 matmuls, 3 ops x 2, AdamW, step
+    assert all(r["ours_us"] > 0 and r["torch_us"] > 0 for r in result["ops"])
