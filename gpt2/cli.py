@@ -33,8 +33,7 @@ import minigrad as mg
 
 from .config import MODEL_SIZES, config_for
 from .errors import GPT2Error
-
-PROG = "python -m gpt2"
+from .flags import PROG, flag_name, one_line, require_finite, require_positive, use_backend
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -254,26 +253,6 @@ def _add_selftest(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks (one clear message each, raised as GPT2Error)
-# ---------------------------------------------------------------------------------------------
-
-def _positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise GPT2Error(f"{name} must be a positive integer, got {value}")
-
-
-def _finite(name: str, value) -> None:
-    if value is not None and not math.isfinite(value):
-        raise GPT2Error(f"{name} must be a finite number, got {value}")
-
-
-def _use_backend(name: str) -> None:
-    mg.set_backend(name)   # BackendError (unknown name, CuPy missing, no GPU) -> error line
-
-
-# ---------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------
 
@@ -281,10 +260,10 @@ def cmd_prepare(args) -> int:
     from .data import NAMED_TEXTS, named_text_path  # noqa: PLC0415
     from .prepare import prepare  # noqa: PLC0415
 
-    _finite("--val-fraction", args.val_fraction)
+    require_finite("--val-fraction", args.val_fraction)
     if not 0.0 < args.val_fraction < 1.0:
         raise GPT2Error(f"--val-fraction must be in (0, 1), e.g. 0.1, got {args.val_fraction}")
-    _positive("--workers", args.workers, allow_none=True)
+    require_positive("--workers", args.workers, allow_none=True)
     # A name (verdict, shakespeare) is a download unless a file or folder of that name exists here.
     sources = [named_text_path(s, args.data_dir) if s in NAMED_TEXTS and not Path(s).exists() else Path(s)
                for s in args.sources]
@@ -306,12 +285,12 @@ def cmd_prepare(args) -> int:
 def train_config_from_args(args, vocab_size: int | None = None):
     """The GPTConfig that the train flags describe (with the dataset's vocabulary size, if given)."""
     for flag in ("context_length", "n_layers", "n_heads", "emb_dim"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
+        require_positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
     base = config_for(args.model)
     if args.context_length > base.context_length:
         raise GPT2Error(f"--context-length {args.context_length} is larger than {args.model}'s "
                         f"{base.context_length} positions")
-    _finite("--dropout", args.dropout)
+    require_finite("--dropout", args.dropout)
     if not 0.0 <= args.dropout < 1.0:
         raise GPT2Error(f"--dropout must be in [0, 1), got {args.dropout}")
     overrides = dict(context_length=args.context_length, dropout=args.dropout, qkv_bias=args.qkv_bias,
@@ -374,10 +353,6 @@ _RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int,
               "zero": int}
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
     """The flags of the run saved in `ckpt_dir`, with the ones this command changes on top.
 
@@ -406,11 +381,11 @@ def _resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
         if left_out or given == saved:
             setattr(merged, key, saved)
         elif key in RESUME_MAY_CHANGE:
-            changes.append(f"{_flag(key)} {given} (was {saved})")
+            changes.append(f"{flag_name(key)} {given} (was {saved})")
         else:
-            raise GPT2Error(f"{_flag(key)} {given} differs from the run being resumed ({saved}); a resumed "
-                            f"run keeps its model, data, batch size, seed and schedule: leave {_flag(key)} "
-                            "out, or start a new run with another --out")
+            raise GPT2Error(f"{flag_name(key)} {given} differs from the run being resumed ({saved}); a "
+                            f"resumed run keeps its model, data, batch size, seed and schedule: leave "
+                            f"{flag_name(key)} out, or start a new run with another --out")
     return merged, changes
 
 
@@ -492,7 +467,7 @@ def cmd_train(args) -> int:
                 # Only this rank knows: say so and stop them all (the others may be waiting in a
                 # collective for this one).
                 if isinstance(exc, (GPT2Error, mg.BackendError, distributed.DistributedError, OSError)):
-                    print(f"error: rank {comm.rank}: {_one_line(exc)}", file=sys.stderr, flush=True)
+                    print(f"error: rank {comm.rank}: {one_line(exc)}", file=sys.stderr, flush=True)
                 elif not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     import traceback  # noqa: PLC0415
 
@@ -509,8 +484,8 @@ def _agree_setup(comm, setup: dict, args, error: BaseException | None = None) ->
     same GPT2Error everywhere if any rank failed or the ranks were given different flags."""
     mine = None
     if error is not None:
-        mine = _one_line(error) if isinstance(error, (GPT2Error, mg.BackendError)) else \
-            f"{type(error).__name__}: {_one_line(error)}"
+        mine = one_line(error) if isinstance(error, (GPT2Error, mg.BackendError)) else \
+            f"{type(error).__name__}: {one_line(error)}"
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "given")}
     flags = json.loads(json.dumps(flags, default=str))
     digest = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).hexdigest()
@@ -527,7 +502,8 @@ def _agree_setup(comm, setup: dict, args, error: BaseException | None = None) ->
         every = comm.all_gather_object(flags)
         other = next(r for r, (_, d) in enumerate(reports) if d != reports[0][1])
         diff = [k for k in every[0] if every[0].get(k) != every[other].get(k)]
-        shown = ", ".join(f"{_flag(k)} {every[other].get(k)} (rank 0: {every[0].get(k)})" for k in diff[:3])
+        shown = ", ".join(f"{flag_name(k)} {every[other].get(k)} (rank 0: {every[0].get(k)})"
+                          for k in diff[:3])
         problem = (f"the ranks were started with different flags (rank {other}: {shown}); start every "
                    "rank with the same command")
     if problem is not None:
@@ -595,10 +571,10 @@ def _cmd_train(args, comm, setup: dict) -> int:
     # 1. Check every flag before anything slow happens.
     config = train_config_from_args(args)
     for flag in ("epochs", "batch_size", "eval_every", "eval_iter", "save_every", "keep", "grad_accum"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    _positive("--max-steps", args.max_steps, allow_none=True)
+        require_positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    require_positive("--max-steps", args.max_steps, allow_none=True)
     for flag in ("lr", "weight_decay", "grad_clip", "min_lr", "beta2"):
-        _finite("--" + flag.replace("_", "-"), getattr(args, flag))
+        require_finite("--" + flag.replace("_", "-"), getattr(args, flag))
     if not args.lr > 0:
         raise GPT2Error(f"--lr must be > 0, got {args.lr}")
     if args.weight_decay < 0:
@@ -625,7 +601,7 @@ def _cmd_train(args, comm, setup: dict) -> int:
         _check_out_dir(out, args.overwrite)
     else:
         _check_resume_out(out, resume, saved_state.get("step", 0))
-    _use_backend(args.backend)
+    use_backend(args.backend)
     distributed.select_device(comm)          # with --backend cupy: the GPU of this rank
 
     # 2. Data. A text file: GPT-2 tokens, windows of context_length in order (stride =
@@ -861,7 +837,7 @@ def cmd_generate(args) -> int:
     from .generate import check_sampling_args, generate  # noqa: PLC0415
     from .tokenizer import get_tokenizer  # noqa: PLC0415
 
-    _positive("--max-new-tokens", args.max_new_tokens)
+    require_positive("--max-new-tokens", args.max_new_tokens)
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                         names={name: "--" + name.replace("_", "-") for name in
                                ("max_new_tokens", "temperature", "top_k", "top_p")})
@@ -871,7 +847,7 @@ def cmd_generate(args) -> int:
         raise GPT2Error("--prompt must not be empty")
     if args.seed is not None and args.seed < 0:
         raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
-    _use_backend(args.backend)
+    use_backend(args.backend)
 
     tokenizer = None
     if args.checkpoint is not None:
@@ -929,20 +905,17 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (GPT2Error, mg.BackendError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory; try a smaller --batch-size, --context-length or model",
               file=sys.stderr)
         return 2
     except OSError as exc:   # e.g. no permission to write --out
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
