@@ -97,10 +97,13 @@ def agree_setup(comm, setup: dict, args, error: BaseException | None = None) -> 
 def stop_asked_on_any_rank(comm, stop: dict) -> bool:
     """Whether to stop after this step: `stop["signal"]` (set by a signal handler) on any rank,
     agreed by all (a collective), so that every rank stops after the same step."""
-    if comm.world_size > 1:
-        sig = int(comm.all_reduce_scalars([stop["signal"] or 0], op="max")[0])
-        stop["signal"] = stop["signal"] or (sig or None)
-    return stop["signal"] is not None
+    if comm.world_size == 1:
+        return stop["signal"] is not None
+    sig = int(comm.all_reduce_scalars([stop["signal"] or 0], op="max")[0])
+    stop["signal"] = stop["signal"] or (sig or None)
+    # The agreed answer, not this rank's flag: a signal that lands just after the all-reduce would
+    # stop this rank alone (the others train on, and wait for it). It counts at the next step.
+    return sig != 0
 
 
 def seed_rank_dropout(comm, seed: int, step: int = 0) -> None:
