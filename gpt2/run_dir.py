@@ -116,7 +116,6 @@ class RunSaver:
 
     def save(self) -> Path:
         """A checkpoint of the current step; returns its directory."""
-        # Every rank takes part (ZeRO's moments and the generators are gathered); rank 0 writes.
         optimizer, step, out = self.optimizer, self.state.step, self.out
         full_optimizer = optimizer.consolidated() if hasattr(optimizer, "consolidated") else optimizer
         snap = self.snapshot()
