@@ -4,6 +4,10 @@ A thin layer over functions a user could call from Python: it parses flags, chec
 gpt2.data / gpt2.train / gpt2.checkpoint / gpt2.generate, and turns our own errors (GPT2Error,
 minigrad's BackendError) into one line on stderr, `error: ...`, with exit code 2.
 
+Here: the parser, `main` and the small commands (prepare, generate). The train command is
+gpt2/train_command.py, its flags gpt2/train_flags.py; bench and selftest bring their own flags
+too (gpt2/bench.py, gpt2/selftest.py).
+
     python -m gpt2 train --out runs/verdict                       # the course run (chapter 05)
     python -m gpt2 train --resume runs/verdict                    # continue it after Ctrl-C or a crash
     python -m gpt2 generate --checkpoint runs/verdict --prompt "Every effort moves you"
@@ -15,26 +19,17 @@ minigrad's BackendError) into one line on stderr, `error: ...`, with exit code 2
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 
 import minigrad as mg
 
-from .config import MODEL_SIZES, config_for
+from . import train_flags
 from .errors import GPT2Error
-
-PROG = "python -m gpt2"
+from .flags import PROG, flag_name, one_line, require_finite, require_positive, use_backend
+from .train_command import cmd_train
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -101,95 +96,13 @@ def _add_prepare(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    fmt = _Help
-    p = sub.add_parser("train", formatter_class=fmt,
+    p = sub.add_parser("train", formatter_class=_Help,
                        help="train a GPT-2 from scratch on a text file or a prepared dataset",
                        description="Train a GPT-2 from scratch. The defaults are the course run of "
                        "chapter 05 (LLMs from Scratch, chapter 5): the 124M shape with context 256, "
                        "dropout 0.1, no qkv bias and an untied output head, AdamW lr 4e-4 and weight "
                        "decay 0.1, batch 2, 10 epochs, seed 123, on The Verdict.")
-    p.add_argument("--data", metavar="FILE_OR_DIR", default=None,
-                   help="a UTF-8 text file (GPT-2 tokens, windows in order, 90/10 split by characters), or a "
-                   "dataset folder made by `prepare` (its tokenizer; random windows) (default: The Verdict, "
-                   "downloaded into data/ on first use)")
-    p.add_argument("--model", choices=list(MODEL_SIZES), default="gpt2-124m",
-                   help="the GPT-2 shape (layers, heads, width); the flags below override parts of it")
-    g = p.add_argument_group("model overrides")
-    g.add_argument("--context-length", type=int, default=256, metavar="N",
-                   help="tokens per training window (at most the size's 1024)")
-    g.add_argument("--n-layers", "--n-layer", type=int, default=None, metavar="N", help="transformer blocks "
-                   "(default: the --model size's)")
-    g.add_argument("--n-heads", "--n-head", type=int, default=None, metavar="N", help="attention heads "
-                   "(default: the --model size's)")
-    g.add_argument("--emb-dim", "--n-embd", type=int, default=None, metavar="N",
-                   help="embedding width, divisible by --n-heads (default: the --model size's)")
-    g.add_argument("--dropout", type=float, default=0.1, metavar="P", help="dropout probability in [0, 1)")
-    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=False,
-                   help="biases on the query/key/value projection (default: off)")
-    g.add_argument("--tie-embeddings", "--tie", action=argparse.BooleanOptionalAction, default=False,
-                   help="share the token embedding with the output head (default: untied)")
-    g.add_argument("--init", choices=["book", "gpt2"], default="book",
-                   help="weight initialisation: book = PyTorch's layer defaults, as LLMs from Scratch "
-                   "(the course run); gpt2 = GPT-2's normal(0, 0.02), better with warmup and a tied head")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
-    t.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after N optimizer steps (default: no limit)")
-    t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step (per rank "
-                   "under mpiexec: the global batch is ranks x N)")
-    t.add_argument("--zero", type=int, choices=[0, 1], default=0, metavar="{0,1}",
-                   help="1: shard AdamW's moments across the ranks (ZeRO-1; needs mpiexec -n 2 or more)")
-    t.add_argument("--lr", type=float, default=4e-4, metavar="X", help="AdamW learning rate (peak "
-                   "learning rate with --warmup-steps)")
-    t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
-                   help="AdamW decoupled weight decay (on every parameter as in the book, unless "
-                   "--no-decay-all)")
-    t.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=True,
-                   help="weight decay on every parameter (the book); --no-decay-all: only on matrices, "
-                   "not biases and LayerNorm (GPT-2, nanoGPT)")
-    t.add_argument("--beta2", type=float, default=0.999, metavar="X",
-                   help="AdamW's second-moment decay (nanoGPT uses 0.99 for small models)")
-    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="accumulate the gradients of N batches per optimizer step (the same update as one "
-                   "batch N times larger, in the memory of one)")
-    t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                   help="linear warmup over N steps, then cosine decay to --min-lr over the run's steps "
-                   "(default: constant lr)")
-    t.add_argument("--min-lr", type=float, default=None, metavar="X",
-                   help="learning rate at the end of the cosine decay (default: --lr / 10)")
-    t.add_argument("--grad-clip", type=float, default=None, metavar="X",
-                   help="clip the global gradient norm to X (default: no clipping)")
-    t.add_argument("--eval-every", type=int, default=5, metavar="N",
-                   help="print train and val loss every N steps")
-    t.add_argument("--eval-iter", "--eval-iters", type=int, default=5, metavar="N",
-                   help="batches of each loader averaged per evaluation (random batches for a prepared "
-                   "dataset)")
-    t.add_argument("--keep-best", action="store_true",
-                   help="also keep the checkpoint with the lowest validation loss so far, as --out/best")
-    t.add_argument("--sample-prompt", default="Every effort moves you", metavar="TEXT",
-                   help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip")
-    t.add_argument("--seed", type=int, default=123, metavar="N",
-                   help="seed for weights, dropout and the shuffle order")
-    t.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="numpy (CPU) or cupy (NVIDIA GPU)")
-    t.add_argument("--out", metavar="DIR", default="runs/train",
-                   help="run directory for the checkpoints (ckpt-<step>/, `latest`) and loss.png")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace a checkpoint already in --out (otherwise that is an error)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r = p.add_argument_group("checkpoints and resuming")
-    r.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the run saved in DIR (a run directory: its `latest` checkpoint; or one "
-                   "ckpt-<step> directory) exactly where it stopped, with its settings; only --epochs, "
-                   "--max-steps, --lr, --grad-clip, --eval-every, --eval-iter, --sample-prompt, "
-                   "--save-every, --keep, --keep-best, --skip-nonfinite, --backend, --data (same "
-                   "contents), --zero and --no-progress may be changed; the number of ranks may change too")
-    r.add_argument("--save-every", type=int, default=100, metavar="N",
-                   help="save a checkpoint every N steps (and always at the end and on Ctrl-C)")
-    r.add_argument("--keep", type=int, default=2, metavar="N",
-                   help="keep the newest N checkpoints in --out, deleting older ones")
-    r.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient is NaN/inf instead of stopping")
+    train_flags.add_arguments(p)   # beside their checks and what --resume may change
     p.set_defaults(func=cmd_train)
 
 
@@ -254,26 +167,6 @@ def _add_selftest(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks (one clear message each, raised as GPT2Error)
-# ---------------------------------------------------------------------------------------------
-
-def _positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise GPT2Error(f"{name} must be a positive integer, got {value}")
-
-
-def _finite(name: str, value) -> None:
-    if value is not None and not math.isfinite(value):
-        raise GPT2Error(f"{name} must be a finite number, got {value}")
-
-
-def _use_backend(name: str) -> None:
-    mg.set_backend(name)   # BackendError (unknown name, CuPy missing, no GPU) -> error line
-
-
-# ---------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------
 
@@ -281,10 +174,10 @@ def cmd_prepare(args) -> int:
     from .data import NAMED_TEXTS, named_text_path  # noqa: PLC0415
     from .prepare import prepare  # noqa: PLC0415
 
-    _finite("--val-fraction", args.val_fraction)
+    require_finite("--val-fraction", args.val_fraction)
     if not 0.0 < args.val_fraction < 1.0:
         raise GPT2Error(f"--val-fraction must be in (0, 1), e.g. 0.1, got {args.val_fraction}")
-    _positive("--workers", args.workers, allow_none=True)
+    require_positive("--workers", args.workers, allow_none=True)
     # A name (verdict, shakespeare) is a download unless a file or folder of that name exists here.
     sources = [named_text_path(s, args.data_dir) if s in NAMED_TEXTS and not Path(s).exists() else Path(s)
                for s in args.sources]
@@ -300,560 +193,6 @@ def cmd_prepare(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------------------------
-
-def train_config_from_args(args, vocab_size: int | None = None):
-    """The GPTConfig that the train flags describe (with the dataset's vocabulary size, if given)."""
-    for flag in ("context_length", "n_layers", "n_heads", "emb_dim"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=True)
-    base = config_for(args.model)
-    if args.context_length > base.context_length:
-        raise GPT2Error(f"--context-length {args.context_length} is larger than {args.model}'s "
-                        f"{base.context_length} positions")
-    _finite("--dropout", args.dropout)
-    if not 0.0 <= args.dropout < 1.0:
-        raise GPT2Error(f"--dropout must be in [0, 1), got {args.dropout}")
-    overrides = dict(context_length=args.context_length, dropout=args.dropout, qkv_bias=args.qkv_bias,
-                     tie_embeddings=args.tie_embeddings)
-    for flag in ("n_layers", "n_heads", "emb_dim"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    return config_for(args.model, **overrides)
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to replace someone's checkpoint (checked before training, not after hours of it)."""
-    from .checkpoint import CHECKPOINT_FILES, LATEST_FILE, is_run_dir, list_checkpoints  # noqa: PLC0415
-
-    if out.exists() and not out.is_dir():
-        raise GPT2Error(f"--out {out} exists and is not a directory; choose another --out")
-    ours = [p.name for p in list_checkpoints(out)][-3:]
-    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, BEST_DIR, "loss.png") if (out / n).exists()]
-    if ours and not overwrite:
-        resume = f"continue it with --resume {out}, " if is_run_dir(out) else ""
-        raise GPT2Error(f"--out {out} already holds a checkpoint ({', '.join(ours)}); {resume}choose another "
-                        "--out, or pass --overwrite to replace it")
-
-
-def _clear_out_dir(out: Path) -> None:
-    """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
-    from .checkpoint import (  # noqa: PLC0415
-        CHECKPOINT_FILES,
-        LATEST_FILE,
-        MODEL_FILE,
-        list_checkpoints,
-        remove_leftovers,
-    )
-
-    if not out.is_dir():
-        return
-    for n in (LATEST_FILE, *CHECKPOINT_FILES, "loss.png"):   # `latest` first: nothing points at a
-        (out / n).unlink(missing_ok=True)                     # half-deleted checkpoint
-    for ckpt in list_checkpoints(out):
-        shutil.rmtree(ckpt)
-    if (out / BEST_DIR / MODEL_FILE).is_file():   # only a checkpoint of ours
-        shutil.rmtree(out / BEST_DIR)
-    remove_leftovers(out)
-
-
-BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the numbered ones
-
-# What a resumed run may change; every other setting is the run's own (see _resumed_args).
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
-                     "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data",
-                     "zero")
-_RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int, "n_heads": int,
-              "emb_dim": int, "dropout": float, "qkv_bias": bool, "tie_embeddings": bool, "epochs": int,
-              "max_steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-              "grad_clip": float, "eval_every": int, "eval_iter": int, "sample_prompt": str, "seed": int,
-              "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool,
-              "grad_accum": int, "min_lr": float, "beta2": float, "decay_all": bool, "keep_best": bool,
-              "zero": int}
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
-    """The flags of the run saved in `ckpt_dir`, with the ones this command changes on top.
-
-    A flag left at its default takes the run's value; a flag given with another value is an
-    error unless it is one of RESUME_MAY_CHANGE (a resumed run must rebuild the same model, data
-    and schedule to continue exactly)."""
-    run = (trainer_state or {}).get("run")
-    if not isinstance(trainer_state, dict) or "loader" not in trainer_state or not isinstance(run, dict):
-        raise GPT2Error(f"{ckpt_dir} was not saved by `{PROG} train` (it has no run settings or data loader "
-                        "position), so it cannot be resumed; it can still be used with generate --checkpoint")
-    defaults = vars(build_parser().parse_args(["train"]))
-    explicit = getattr(args, "given", None)   # the flags on the command line (set by main)
-    merged = argparse.Namespace(**vars(args))
-    changes = []
-    for key, typ in _RUN_TYPES.items():
-        if key not in run:
-            continue                      # saved by an older version: this command's value
-        saved = run[key]
-        ok = saved is None or (isinstance(saved, typ) and not (typ is not bool and isinstance(saved, bool))) \
-            or (typ is float and isinstance(saved, int) and not isinstance(saved, bool))
-        if not ok:
-            raise GPT2Error(f"{ckpt_dir}/trainer_state.json: the run setting {key} has an invalid value "
-                            f"{str(saved)[:40]} (the checkpoint is damaged)")
-        given = getattr(args, key)
-        left_out = key not in explicit if explicit is not None else given == defaults[key]
-        if left_out or given == saved:
-            setattr(merged, key, saved)
-        elif key in RESUME_MAY_CHANGE:
-            changes.append(f"{_flag(key)} {given} (was {saved})")
-        else:
-            raise GPT2Error(f"{_flag(key)} {given} differs from the run being resumed ({saved}); a resumed "
-                            f"run keeps its model, data, batch size, seed and schedule: leave {_flag(key)} "
-                            "out, or start a new run with another --out")
-    return merged, changes
-
-
-def _run_dir_of(ckpt_dir: Path) -> Path:
-    """Where a resumed run saves: the run directory a ckpt-<step> checkpoint belongs to, or a
-    single checkpoint directory itself (its new checkpoints go inside it, and `latest` wins)."""
-    from .checkpoint import _CKPT_DIR  # noqa: PLC0415
-
-    return ckpt_dir.parent if _CKPT_DIR.fullmatch(ckpt_dir.name) else ckpt_dir
-
-
-def _check_resume_out(out: Path, ckpt_dir: Path, step: int) -> None:
-    from .checkpoint import _step_of, list_checkpoints  # noqa: PLC0415
-
-    if out.resolve() != _run_dir_of(ckpt_dir).resolve():
-        _check_out_dir(out, overwrite=False)    # a new run directory, continuing from ckpt_dir
-        return
-    later = [c for c in list_checkpoints(out) if _step_of(c) > step]
-    if later:
-        raise GPT2Error(f"{out} has a checkpoint after step {step} ({later[-1].name}); resume from that one "
-                        f"(--resume {later[-1]}), or continue step {step} in a new directory (--out NEW)")
-
-
-@contextlib.contextmanager
-def _graceful_stop():
-    """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
-    step and save a checkpoint; a second Ctrl-C stops at once, without saving (the previous
-    checkpoint stays the latest). Yields a dict whose "signal" is set when asked to stop."""
-    from minigrad.distributed import launched_rank  # noqa: PLC0415
-
-    flag = {"signal": None}
-
-    def handler(signum, frame):
-        if flag["signal"] is not None:
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-        if launched_rank() == 0:   # under mpiexec: rank 0 speaks for all (every rank stops together)
-            print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-                  "(press Ctrl-C again to quit at once without saving)", file=sys.stderr, flush=True)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def cmd_train(args) -> int:
-    """`train` on one process, or on every rank that `mpiexec -n N` started (data parallel).
-
-    With several ranks only rank 0 prints and writes files. An error in the set-up on any rank
-    (bad flags, missing data, flags that differ between ranks) is agreed by all of them and
-    printed once by rank 0; an error during training on some ranks only stops every rank."""
-    from minigrad import distributed  # noqa: PLC0415
-
-    comm = distributed.init()
-    if comm.world_size == 1:
-        return _cmd_train(args, comm, {})
-    setup = {"agreed": False}
-    quiet = open(os.devnull, "w") if comm.rank else None  # noqa: SIM115 - closed below
-    try:
-        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-            try:
-                return _cmd_train(args, comm, setup)
-            except BaseException as exc:
-                if not setup["agreed"]:       # failed before the ranks compared notes: tell them
-                    try:
-                        _agree_setup(comm, setup, args, error=exc)
-                    except GPT2Error as agreed:
-                        exc = agreed
-                if getattr(exc, "every_rank", False):
-                    if comm.rank == 0:
-                        raise exc from None   # main() prints it once
-                    return 2
-                # Only this rank knows: say so and stop them all (the others may be waiting in a
-                # collective for this one).
-                if isinstance(exc, (GPT2Error, mg.BackendError, distributed.DistributedError, OSError)):
-                    print(f"error: rank {comm.rank}: {_one_line(exc)}", file=sys.stderr, flush=True)
-                elif not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    import traceback  # noqa: PLC0415
-
-                    traceback.print_exc()
-                comm.abort(130 if isinstance(exc, KeyboardInterrupt) else 2)
-                raise
-    finally:
-        if quiet is not None:
-            quiet.close()
-
-
-def _agree_setup(comm, setup: dict, args, error: BaseException | None = None) -> None:
-    """Every rank's set-up outcome and flags, compared on every rank (a collective): raises the
-    same GPT2Error everywhere if any rank failed or the ranks were given different flags."""
-    mine = None
-    if error is not None:
-        mine = _one_line(error) if isinstance(error, (GPT2Error, mg.BackendError)) else \
-            f"{type(error).__name__}: {_one_line(error)}"
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "given")}
-    flags = json.loads(json.dumps(flags, default=str))
-    digest = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).hexdigest()
-    reports = comm.all_gather_object((mine, digest))
-    setup["agreed"] = True
-    failed = [(r, m) for r, (m, _) in enumerate(reports) if m is not None]
-    problem = None
-    if failed:
-        if len(failed) == comm.world_size and len({m for _, m in failed}) == 1:
-            problem = failed[0][1]
-        else:
-            problem = "; ".join(f"rank {r}: {m}" for r, m in failed[:3])
-    elif len({d for _, d in reports}) > 1:
-        every = comm.all_gather_object(flags)
-        other = next(r for r, (_, d) in enumerate(reports) if d != reports[0][1])
-        diff = [k for k in every[0] if every[0].get(k) != every[other].get(k)]
-        shown = ", ".join(f"{_flag(k)} {every[other].get(k)} (rank 0: {every[0].get(k)})" for k in diff[:3])
-        problem = (f"the ranks were started with different flags (rank {other}: {shown}); start every "
-                   "rank with the same command")
-    if problem is not None:
-        err = GPT2Error(problem)
-        err.every_rank = True
-        raise err
-
-
-def _rebatched_loader_state(loader_state: dict, batch_size: int, n_batches: int) -> dict:
-    """A loader position saved with another global batch (a run resumed on a different number
-    of ranks): the same epoch, at the batch holding the first window not yet trained on (a few
-    windows of the current epoch may be seen twice; the order of windows is unchanged)."""
-    done = loader_state["batch_index"] * loader_state["batch_size"]
-    return {**loader_state, "batch_size": batch_size, "batch_index": min(done // batch_size, n_batches - 1)}
-
-
-def _restore_rank_rng(comm, trainer_state: dict, seed: int, step: int) -> None:
-    """Rank r > 0's own dropout generator: as saved when the run had as many ranks, else a
-    fresh stream seeded from (seed, step, rank). Rank 0 keeps the checkpoint's generator."""
-    if comm.rank == 0:
-        return
-    saved = trainer_state.get("rank_rng_states")
-    if trainer_state.get("world_size") == comm.world_size and isinstance(saved, list) \
-            and len(saved) == comm.world_size:
-        try:
-            mg.set_rng_state(saved[comm.rank])
-            return
-        except (KeyError, TypeError, ValueError):
-            raise GPT2Error("trainer_state.json: rank_rng_states is not a list of random generator states "
-                            "(the checkpoint is damaged)") from None
-    mg.manual_seed(seed + 1_000_003 * comm.rank + 7919 * step)
-
-
-def _cmd_train(args, comm, setup: dict) -> int:
-    from minigrad import distributed  # noqa: PLC0415
-
-    from . import checkpoint as ck  # noqa: PLC0415
-    from . import data  # noqa: PLC0415
-    from .model import GPTModel  # noqa: PLC0415
-    from .plot import plot_losses  # noqa: PLC0415
-    from .tokenizer import get_tokenizer  # noqa: PLC0415
-    from .train import (  # noqa: PLC0415
-        History,
-        NonFiniteError,
-        TrainConfig,
-        TrainState,
-        init_model_,
-        make_optimizer,
-        total_steps,
-    )
-    from .train import train as run_training  # noqa: PLC0415
-
-    # 0. Resuming: the run's own settings, with the few this command may change.
-    resume, changes = None, []
-    if args.resume is not None:
-        if args.overwrite:
-            raise GPT2Error("--resume continues a run in place; it cannot be combined with --overwrite")
-        resume = ck.resolve_checkpoint(args.resume)
-        saved_state = ck.read_trainer_state(resume)
-        args, changes = _resumed_args(args, resume, saved_state)
-        given = getattr(args, "given", None)
-        if not ("out" in given if given is not None else args.out != "runs/train"):
-            args.out = str(_run_dir_of(resume))     # --out not given: the run's own directory
-
-    # 1. Check every flag before anything slow happens.
-    config = train_config_from_args(args)
-    for flag in ("epochs", "batch_size", "eval_every", "eval_iter", "save_every", "keep", "grad_accum"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    _positive("--max-steps", args.max_steps, allow_none=True)
-    for flag in ("lr", "weight_decay", "grad_clip", "min_lr", "beta2"):
-        _finite("--" + flag.replace("_", "-"), getattr(args, flag))
-    if not args.lr > 0:
-        raise GPT2Error(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise GPT2Error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.grad_clip is not None and not args.grad_clip > 0:
-        raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        raise GPT2Error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.min_lr is not None:
-        if args.warmup_steps is None:
-            raise GPT2Error("--min-lr is where the cosine schedule ends, so it needs --warmup-steps N "
-                            "(0 for no warmup); without it the learning rate is constant")
-        if not 0 <= args.min_lr <= args.lr:
-            raise GPT2Error(f"--min-lr must be between 0 and --lr ({args.lr:g}), got {args.min_lr:g}")
-    if not 0 <= args.beta2 < 1:
-        raise GPT2Error(f"--beta2 must be in [0, 1), e.g. 0.99 or 0.999, got {args.beta2}")
-    if args.seed < 0:
-        raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
-    if args.zero and comm.world_size == 1:
-        raise GPT2Error("--zero 1 shards the optimizer state across ranks and this run has one; start it "
-                        f"with mpiexec -n 2 (or more) {PROG} train ..., or leave --zero out")
-    out = Path(args.out)
-    if resume is None:
-        _check_out_dir(out, args.overwrite)
-    else:
-        _check_resume_out(out, resume, saved_state.get("step", 0))
-    _use_backend(args.backend)
-    distributed.select_device(comm)          # with --backend cupy: the GPU of this rank
-
-    # 2. Data. A text file: GPT-2 tokens, windows of context_length in order (stride =
-    #    context_length), 90/10 split by characters. A prepared dataset: its tokenizer (the model's
-    #    vocabulary follows it), its split, random windows (gpt2/dataset.py).
-    data_path = Path(args.data) if args.data is not None else data.verdict_path()
-    global_batch = args.batch_size * comm.world_size   # rank r trains on its slice (train.rank_slice)
-    if data_path.is_dir():
-        from .dataset import PreparedDataset  # noqa: PLC0415
-
-        dataset = PreparedDataset(data_path)
-        tokenizer, data_sha256 = dataset.tokenizer, dataset.digest
-        config = train_config_from_args(args, vocab_size=tokenizer.vocab_size)
-        train_loader = dataset.loader("train", global_batch, config.context_length, seed=args.seed)
-        val_loader = dataset.loader("val", global_batch, config.context_length, seed=args.seed)
-        about = (f"{tokenizer.name} tokenizer, vocabulary {tokenizer.vocab_size:,}; train "
-                 f"{dataset.num_tokens('train'):,} tokens, val {dataset.num_tokens('val'):,}; random "
-                 f"windows, an epoch is {len(train_loader)} batches of "
-                 f"{global_batch}x{config.context_length}")
-    else:
-        dataset = None
-        text = data.read_text(data_path)
-        data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        tokenizer = get_tokenizer()
-        try:
-            train_loader, val_loader = data.create_loaders(text, global_batch, config.context_length,
-                                                           seed=args.seed, tokenizer=tokenizer)
-        except GPT2Error as exc:
-            ranks = (f" (with {comm.world_size} ranks the global batch is {comm.world_size} x --batch-size "
-                     f"{args.batch_size}: every rank needs its own windows)" if comm.world_size > 1 else "")
-            raise GPT2Error(f"{data_path}: {exc}{ranks}") from None
-        n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
-        about = (f"{len(text):,} characters, {n_tokens:,} tokens; train {len(train_loader)} batches of "
-                 f"{global_batch}x{config.context_length}, val {len(val_loader)}")
-    if args.sample_prompt:
-        try:
-            tokenizer.encode(args.sample_prompt)
-        except GPT2Error as exc:
-            raise GPT2Error(f"--sample-prompt: {exc} (or --sample-prompt '' for no samples)") from None
-
-    # 3. Model and optimizer: seeded and new, or exactly as the checkpoint left them.
-    if resume is None:
-        mg.manual_seed(args.seed)
-        model = GPTModel(config)
-        init_model_(model, args.init)               # "book" (the course run) or GPT-2's own
-        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
-                                   decay_all=args.decay_all, betas=(0.9, args.beta2))
-        state, history = TrainState(), History()   # filled in as training goes
-        if comm.rank:   # same weights on every rank, but each its own dropout masks
-            mg.manual_seed(args.seed + 1_000_003 * comm.rank)
-    else:
-        if saved_state.get("data_sha256") not in (None, data_sha256):
-            raise GPT2Error(f"{data_path} is not the text the run in {resume} was trained on (its SHA-256 "
-                            "differs); resume with the same data file (--data FILE)")
-        ckpt = ck.load_checkpoint(resume)
-        if ckpt.config != config:
-            raise GPT2Error(f"{resume}/config.json does not match the run's settings in trainer_state.json "
-                            "(the checkpoint is damaged or was edited)")
-        model = ckpt.model
-        optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
-                                   decay_all=args.decay_all, betas=(0.9, args.beta2))
-        saved_loader = (ckpt.trainer_state or {}).get("loader")
-        if isinstance(saved_loader, dict) and saved_loader.get("batch_size", train_loader.batch_size) != \
-                train_loader.batch_size:   # trained on another number of ranks
-            ckpt.trainer_state["loader"] = _rebatched_loader_state(saved_loader, train_loader.batch_size,
-                                                                   len(train_loader))
-        state, history = ck.restore_training(ckpt, optimizer, train_loader)
-        _restore_rank_rng(comm, ckpt.trainer_state, args.seed, state.step)
-        if any(c.startswith("--lr ") for c in changes):   # a new (peak) learning rate from here on
-            for g in optimizer.param_groups:
-                g["lr"] = args.lr
-                if "initial_lr" in g:
-                    g["initial_lr"] = args.lr
-    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
-                      eval_iter=args.eval_iter, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
-                      sample_prompt=args.sample_prompt or None, progress=not args.no_progress,
-                      skip_nonfinite=args.skip_nonfinite, grad_accum=args.grad_accum, min_lr=args.min_lr,
-                      eval_final=dataset is not None)
-    steps = total_steps(train_loader, cfg)
-    if comm.world_size > 1:
-        _agree_setup(comm, setup, args)     # every rank set up without error, with the same flags
-        comm = distributed.for_backend(comm)  # NCCL between GPUs with --backend cupy
-        if args.zero:
-            from minigrad.zero import ZeroAdamW  # noqa: PLC0415
-
-            optimizer = ZeroAdamW.from_adamw(optimizer, comm)
-        if comm.rank:
-            cfg = dataclasses.replace(cfg, progress=False, sample_prompt=None)   # rank 0 shows them
-    print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
-          f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
-    print(f"data: {data_path} ({about})")
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
-    schedule = ("constant" if args.warmup_steps is None
-                else f"warmup {args.warmup_steps}, cosine to {min_lr:g}")
-    print(f"training: {steps} steps"
-          + (f" of {args.grad_accum} accumulated batches" if args.grad_accum > 1 else "")
-          + f", AdamW lr {args.lr:g} ({schedule}), beta2 {args.beta2:g}, weight decay {args.weight_decay:g}"
-          + ("" if args.decay_all else " (matrices only)") + f", {args.init} init, "
-          f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
-          f"in {out}/ (newest {args.keep} kept)")
-    if comm.world_size > 1:
-        accum = f" x grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""
-        print(f"data parallel: {comm.world_size} ranks ({comm.name}) x batch {args.batch_size}{accum} = "
-              f"global batch {train_loader.batch_size * args.grad_accum} "
-              f"({train_loader.tokens_per_batch * args.grad_accum:,} tokens per step)"
-              + (f"; ZeRO-1: AdamW moments {optimizer.state_bytes() / 2**20:,.1f} MiB per rank "
-                 f"(unsharded: {2 * 4 * model.num_parameters() / 2**20:,.1f} MiB)" if args.zero else ""))
-    if resume is not None:
-        if (saved_state.get("world_size") or 1) != comm.world_size:
-            print(f"the run was trained on {saved_state.get('world_size') or 1} rank(s) and continues on "
-                  f"{comm.world_size}: the global batch is now {train_loader.batch_size}")
-        print(f"resuming {resume} at step {state.step} (epoch {train_loader.epoch + 1}, batch "
-              f"{train_loader.batch_index + 1} of {len(train_loader)})"
-              + (f"; changed: {', '.join(changes)}" if changes else ""))
-        if state.step >= steps:
-            print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps "
-                  "to train further")
-    sys.stdout.flush()
-    if args.overwrite and comm.rank == 0:
-        _clear_out_dir(out)
-
-    # 4. Train, saving a checkpoint every --save-every steps, at the end and on Ctrl-C.
-    run = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite", "out", "given")}
-    saved = {"step": None, "dir": None}
-    if resume is not None and out.resolve() == _run_dir_of(resume).resolve():
-        saved = {"step": state.step, "dir": resume}    # that step is saved already
-
-    def snapshot() -> dict:
-        snap = {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                "skipped_steps": state.skipped_steps, "loader": train_loader.state_dict(),
-                "history": history.to_dict(), "run": run, "data_sha256": data_sha256,
-                "best_val_loss": best["val_loss"]}
-        if comm.world_size > 1:   # (a collective) every rank's dropout generator, for an exact resume
-            snap |= {"world_size": comm.world_size,
-                     "rank_rng_states": comm.all_gather_object(mg.get_rng_state())}
-        return snap
-
-    def save() -> Path:
-        # Every rank takes part (ZeRO's moments and the generators are gathered); rank 0 writes.
-        full_optimizer = optimizer.consolidated() if hasattr(optimizer, "consolidated") else optimizer
-        snap = snapshot()
-        if comm.rank:
-            saved["step"], saved["dir"] = state.step, out / ck.checkpoint_name(state.step)
-            return saved["dir"]
-        try:
-            saved["dir"] = ck.save_run_checkpoint(out, model, full_optimizer, snap, step=state.step,
-                                                  keep=args.keep, tokenizer=tokenizer)
-        except OSError as exc:   # disk full, permissions: the previous checkpoint is untouched
-            last = ck.latest_checkpoint(out)
-            raise GPT2Error(f"could not save the checkpoint of step {state.step} in {out} ({exc}); "
-                            + (f"the previous one, {last}, is intact" if last else "nothing was saved")
-                            ) from None
-        saved["step"] = state.step
-        return saved["dir"]
-
-    # --keep-best: after each evaluation, a lower validation loss than any before replaces out/best
-    # (weights, config, tokenizer; no optimizer state). The best so far survives a resume.
-    best = {"val_loss": (saved_state or {}).get("best_val_loss") if resume is not None else None,
-            "evals": len(history.val_losses)}
-
-    def keep_best() -> None:
-        if len(history.val_losses) == best["evals"]:
-            return
-        best["evals"] = len(history.val_losses)
-        v = history.val_losses[-1]
-        if math.isfinite(v) and (best["val_loss"] is None or v < best["val_loss"]):
-            best["val_loss"] = v
-            if comm.rank == 0:   # every rank has the same validation loss; rank 0 writes
-                ck.save_run_checkpoint(out, model, None, {"step": state.step, "val_loss": v},
-                                       step=state.step, tokenizer=tokenizer, name=BEST_DIR)
-
-    def on_step(st) -> None:
-        if args.keep_best:
-            keep_best()
-        if st.step % args.save_every == 0:
-            save()
-
-    first_step = state.step
-    with _graceful_stop() as stop:
-        def stop_asked() -> bool:   # a signal on any rank stops every rank after the same step
-            if comm.world_size > 1:
-                sig = int(comm.all_reduce_scalars([stop["signal"] or 0], op="max")[0])
-                stop["signal"] = stop["signal"] or (sig or None)
-            return stop["signal"] is not None
-
-        try:
-            run_training(model, train_loader, val_loader, optimizer, cfg, tokenizer=tokenizer, state=state,
-                         history=history, on_step=on_step, stop=stop_asked, comm=comm)
-        except NonFiniteError as exc:
-            last = ck.latest_checkpoint(out)
-            kept = (f"the last good checkpoint, {last}, is kept: resume from it with `{PROG} train --resume "
-                    f"{out}` (e.g. with a lower --lr)" if last is not None else
-                    "no checkpoint had been saved yet (--save-every N saves one every N steps)")
-            err = GPT2Error(f"{exc}; {kept}")
-            err.every_rank = True    # the loss and gradient norm are the same on every rank
-            raise err from None
-        # 5. The final checkpoint (its weights were saved already if the last step was a save step).
-        if saved["step"] == state.step:
-            if comm.rank == 0:
-                ck.update_trainer_state(saved["dir"], {"history": history.to_dict()})
-            final = saved["dir"]
-        else:
-            final = save()
-    print(f"saved checkpoint {final} (step {state.step}; {out / ck.LATEST_FILE} names it)")
-    if comm.world_size > 1:
-        steps_run = max(state.step - first_step, 1)
-        print(f"collectives on rank 0: {comm.seconds:.2f} s in {comm.calls} calls, "
-              f"{1000 * comm.seconds / steps_run:.1f} ms per step (waiting for the other ranks included)")
-    if history.epochs and comm.rank == 0:
-        plot = plot_losses(history, out / "loss.png")
-        print(f"saved loss plot to {plot}")
-        if args.keep_best and best["val_loss"] is not None:
-            print(f"best validation loss {best['val_loss']:.4f}: {out / BEST_DIR}")
-        print(f"{'so far' if stop['signal'] is not None else 'final'}: train loss "
-              f"{history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f} "
-              f"after {state.step} steps, {state.tokens_seen:,} tokens, {history.seconds:.0f} s "
-              f"({state.tokens_seen / max(history.seconds, 1e-9):,.0f} tokens/s)")
-    if stop["signal"] is not None:
-        name = signal.Signals(stop["signal"]).name
-        if comm.rank:
-            return 128 + stop["signal"]
-        print(f"{name}: training stopped at step {state.step} and saved {final}; resume with: "
-              f"{PROG} train --resume {out}", file=sys.stderr, flush=True)
-        return 128 + stop["signal"]
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------
 
@@ -861,17 +200,17 @@ def cmd_generate(args) -> int:
     from .generate import check_sampling_args, generate  # noqa: PLC0415
     from .tokenizer import get_tokenizer  # noqa: PLC0415
 
-    _positive("--max-new-tokens", args.max_new_tokens)
+    require_positive("--max-new-tokens", args.max_new_tokens)
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        names={name: "--" + name.replace("_", "-") for name in
-                               ("max_new_tokens", "temperature", "top_k", "top_p")})
+                        names={name: flag_name(name)
+                               for name in ("max_new_tokens", "temperature", "top_k", "top_p")})
     if args.cache_dir is not None and args.pretrained is None:
         raise GPT2Error("--cache-dir only applies to --pretrained")
     if not args.prompt:
         raise GPT2Error("--prompt must not be empty")
     if args.seed is not None and args.seed < 0:
         raise GPT2Error(f"--seed must be an integer >= 0, got {args.seed}")
-    _use_backend(args.backend)
+    use_backend(args.backend)
 
     tokenizer = None
     if args.checkpoint is not None:
@@ -929,20 +268,17 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (GPT2Error, mg.BackendError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory; try a smaller --batch-size, --context-length or model",
               file=sys.stderr)
         return 2
     except OSError as exc:   # e.g. no permission to write --out
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 

@@ -113,6 +113,24 @@ def test_zero_with_one_rank_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--zero 1" in err and "mpiexec -n 2" in err
 
 
+def test_a_signal_just_after_the_stop_vote_counts_at_the_next_step():
+    """Every rank stops on the agreed vote, never on a flag its own signal set after the vote
+    (that stopped one rank alone, and the others waited for it in the next all-reduce)."""
+    from gpt2.ranks import stop_asked_on_any_rank
+
+    class Rank1:
+        rank, world_size = 1, 2
+
+        def all_reduce_scalars(self, values, op="sum"):
+            stop["signal"] = stop["signal"] or signal.SIGTERM   # lands after this rank voted
+            return np.array([max(values[0], 0)], dtype=np.float64)   # rank 0 voted 0
+
+    stop = {"signal": None}
+    assert not stop_asked_on_any_rank(Rank1(), stop)   # the vote said go on, as on rank 0
+    assert stop["signal"] == signal.SIGTERM
+    assert stop_asked_on_any_rank(Rank1(), stop)       # the next vote carries it: every rank stops
+
+
 # ---------------------------------------------------------------------------------------------
 # Several ranks: real MPI jobs
 # ---------------------------------------------------------------------------------------------
