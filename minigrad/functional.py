@@ -126,21 +126,13 @@ def gelu(x: Tensor) -> Tensor:
 # softmax and log-softmax
 # ---------------------------------------------------------------------------------------------
 
-def _softmax_array(z, axis, out=None):
-    if axis == -1 or axis == z.ndim - 1:  # the common case, in `kernels` (in place / fused)
-        return kernels.softmax_lastaxis(z, out=out)
-    e = _xp().exp(z - z.max(axis=axis, keepdims=True))  # subtracting the max prevents overflow
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
-
-
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """y_i = e^{x_i} / sum_j e^{x_j}.
 
     Backward: dy_i/dx_j = y_i (delta_ij - y_j), so
       dL/dx_j = sum_i g_i y_i (delta_ij - y_j) = y_j (g_j - sum_i g_i y_i).
     """
-    y = _softmax_array(x.data, axis)
+    y = kernels.softmax(x.data, axis)  # max subtracted first: no overflow
     out = Tensor._make(y, (x,))
     if out.requires_grad:
         out._backward = lambda g: x._accumulate(y * (g - (g * y).sum(axis=axis, keepdims=True)))
@@ -349,7 +341,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         if causal and Tq > 1:  # (one query, the newest, sees every key: nothing to mask)
             # in place; copyto with `where` broadcasts the (Tq, Tk) mask over the batch axes
             xp.copyto(S, -xp.inf, where=causal_mask(Tq, Tk))
-    kernels.softmax_(buf, axis)                               # the scores' buffer now holds P
+    kernels.softmax(buf, axis, out=buf)                       # the scores' buffer now holds P
     P = S                                                     # (..., Tq, Tk) view of it
     if dropout_p > 0.0:
         if not 0.0 < dropout_p < 1.0:

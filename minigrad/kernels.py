@@ -135,38 +135,24 @@ def gelu_backward(x, g, tanh_u=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# softmax over the last axis (attention) and cross-entropy (the loss over the vocabulary)
+# softmax (attention) and cross-entropy (the loss over the vocabulary)
 # ---------------------------------------------------------------------------------------------
 
-def softmax_lastaxis(z, out=None):
-    """softmax over the last axis: e^(z - max) / sum e^(z - max). With `out=z` it overwrites z.
+def softmax(z, axis=-1, out=None):
+    """softmax along `axis`: e^(z - max) / sum e^(z - max). With `out=z` it overwrites z (attention
+    does, on its scores: along their first axis when stored keys first, see
+    `functional.scaled_dot_product_attention`, else their last).
 
-    NumPy: the exponentials are computed in the output buffer, then divided in place.
+    NumPy: the exponentials are computed in the output buffer, then divided in place: no
+    temporary of z's size. CuPy: one fused kernel for the shifted exponentials.
     """
     if _on_gpu():
-        return _cupy_kernels().softmax(z)
-    m = _row_max(z)
-    e = np.subtract(z, m, out=out)
+        return _cupy_kernels().softmax(z, axis, out)
+    last = axis in (-1, z.ndim - 1)
+    e = np.subtract(z, _row_max(z) if last else z.max(axis=axis, keepdims=True), out=out)
     np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
+    e /= e.sum(axis=axis, keepdims=True)
     return e
-
-
-def softmax_(a, axis):
-    """In place: a becomes its softmax along `axis`, e^(a - max) / sum e^(a - max). Attention's
-    scores take it along their first axis (keys first: see `functional.scaled_dot_product_attention`)
-    or their last.
-
-    NumPy: four passes over `a` and no temporary of its size. CuPy: one fused kernel for the
-    shifted exponentials, written into `a`.
-    """
-    if _on_gpu():
-        return _cupy_kernels().softmax_(a, axis)
-    last = axis in (-1, a.ndim - 1)
-    a -= _row_max(a) if last else a.max(axis=axis, keepdims=True)
-    np.exp(a, out=a)
-    a /= a.sum(axis=axis, keepdims=True)
-    return a
 
 
 SHORT_ROW = 64  # rows up to this length take their max through a transposed copy (`_row_max`)
@@ -394,15 +380,11 @@ class _CupyKernels:
     def gelu_backward(self, x, g):
         return self._gelu_bwd(x, g)
 
-    def softmax(self, z):
-        e = self._exp_shift(z, z.max(axis=-1, keepdims=True))
-        e /= e.sum(axis=-1, keepdims=True)
+    def softmax(self, z, axis, out):
+        m = z.max(axis=axis, keepdims=True)
+        e = self._exp_shift(z, m) if out is None else self._exp_shift(z, m, out)
+        e /= e.sum(axis=axis, keepdims=True)
         return e
-
-    def softmax_(self, a, axis):
-        self._exp_shift(a, a.max(axis=axis, keepdims=True), a)
-        a /= a.sum(axis=axis, keepdims=True)
-        return a
 
     def exp_shifted_rows(self, z):
         m = z.max(axis=1, keepdims=True)

@@ -50,8 +50,8 @@ WRAPPER_CALLS = {
     "gelu_forward": lambda: kernels.gelu_forward(_x(B, T, 4 * C)),
     "gelu_forward_saving": lambda: kernels.gelu_forward_saving(_x(B, T, 4 * C)),
     "gelu_backward": lambda: kernels.gelu_backward(_x(B, T, 4 * C), _x(B, T, 4 * C)),
-    "softmax_lastaxis": lambda: kernels.softmax_lastaxis(_x(B, H, T, T)),
-    "softmax_": lambda: (kernels.softmax_(_x(T, B, H, T), 0), kernels.softmax_(_x(B, H, T, T), -1)),
+    "softmax": lambda: (kernels.softmax(_x(B, H, T, T)),
+                        kernels.softmax(_x(T, B, H, T), 0, out=_x(T, B, H, T))),
     "softmax_cross_entropy": lambda: kernels.softmax_cross_entropy(
         _x(B * T, V), np.arange(B * T) % V, np.ones(B * T, np.float32)),
     "cross_entropy_grad_": lambda: kernels.cross_entropy_grad_(
