@@ -38,6 +38,7 @@ import numpy as np
 from . import backend
 
 DEFAULT_TIMEOUT = 300.0   # seconds a collective waits for the slowest rank (a first step may be slow)
+ABORT_DRAIN_SECONDS = 1.0  # pause between printing why and MPI_Abort, so mpiexec forwards the message
 MPI_INSTALL_HINT = 'install the MPI extra: pip install -e ".[mpi]" (mpi4py and MPICH)'
 
 
@@ -307,8 +308,13 @@ class MPICommunicator(Communicator):
         return self.comm.bcast(obj, root=root)
 
     def abort(self, code=1):
+        # What this rank just printed (why it aborts) sits in a pipe to mpiexec's launcher until
+        # the launcher forwards it; MPI_Abort makes the launcher kill every rank and exit, and on
+        # a busy machine it can do so before forwarding, losing the message (seen under load in
+        # CI). A moment's pause before aborting lets it drain; the job is ending anyway.
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_DRAIN_SECONDS)
         self.comm.Abort(code)
 
 
