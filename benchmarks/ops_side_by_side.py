@@ -101,25 +101,10 @@ def main(argv=None) -> int:
         linear_matmuls(fan_in, fan_out, what)
 
     # --- elementwise and row-wise ops, forward + backward as each engine runs them ---------------
-    def ours_fwd_bwd(op, *shapes):
-        inputs = [mg.Tensor(arr(*s), requires_grad=True) for s in shapes]
-        out = op(*inputs)
-        g = arr(*out.shape)
-
+    def fwd_bwd(op, inputs, g, no_grad):
+        """Timed closures for either engine: `op` forward only, and forward + backward of g."""
         def forward():
-            with mg.no_grad():
-                op(*inputs)
-
-        def forward_backward():
-            op(*inputs).backward(g)
-        return forward, forward_backward
-
-    def torch_fwd_bwd(op, *shapes):
-        inputs = [torch.from_numpy(arr(*s)).requires_grad_() for s in shapes]
-        g = torch.from_numpy(arr(*op(*inputs).shape))
-
-        def forward():
-            with torch.no_grad():
+            with no_grad():
                 op(*inputs)
 
         def forward_backward():
@@ -139,8 +124,10 @@ def main(argv=None) -> int:
             [(B, H, T, D)] * 3),
     }
     for name, (ours_op, torch_op, shapes) in ops.items():
-        of, ofb = ours_fwd_bwd(ours_op, *shapes)
-        tf, tfb = torch_fwd_bwd(torch_op, *shapes)
+        ins = [mg.Tensor(arr(*s), requires_grad=True) for s in shapes]
+        of, ofb = fwd_bwd(ours_op, ins, arr(*ours_op(*ins).shape), mg.no_grad)
+        tins = [torch.from_numpy(arr(*s)).requires_grad_() for s in shapes]
+        tf, tfb = fwd_bwd(torch_op, tins, torch.from_numpy(arr(*torch_op(*tins).shape)), torch.no_grad)
         row(f"{name}: forward", median_us(of, R), median_us(tf, R))
         row(f"{name}: forward + backward", median_us(ofb, R), median_us(tfb, R))
 

@@ -75,7 +75,7 @@ def step_flops(config: GPTConfig, batch_size: int, context_length: int | None = 
 # measuring
 # ---------------------------------------------------------------------------------------------
 
-def _sync():
+def sync():
     """Wait for the GPU to finish queued work (CuPy launches are asynchronous); no-op on CPU."""
     if backend.get_backend() == "cupy":
         backend.xp.cuda.Device().synchronize()
@@ -105,12 +105,12 @@ def matmul_rate(n: int | None = None, repeats: int = 5) -> float:
     b = backend.asarray(rng.standard_normal((n, n), dtype=np.float32))
     c = xp.empty((n, n), dtype=np.float32)
     xp.matmul(a, b, out=c)  # warm-up (threads started, GPU kernels loaded)
-    _sync()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         xp.matmul(a, b, out=c)
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
 
@@ -156,19 +156,19 @@ def bench(config: GPTConfig, batch_size: int = 2, steps: int = 5, warmup: int = 
     phases = {"forward": [], "backward": [], "optimizer": [], "step": []}
     losses = []
     for i in range(warmup + steps):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
-        _sync()
+        sync()
         gpu.sample()
         t1 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
-        _sync()
+        sync()
         gpu.sample()
         t2 = time.perf_counter()
         opt.step()
-        _sync()
+        sync()
         gpu.sample()
         t3 = time.perf_counter()
         losses.append(loss.item())
@@ -183,7 +183,7 @@ def bench(config: GPTConfig, batch_size: int = 2, steps: int = 5, warmup: int = 
     result = {
         "bench": "minigrad_gpt2_train_step",
         "backend": backend.get_backend(),
-        "device": _device_name(),
+        "device": device_name(),
         "config": config.to_dict(),
         "params": model.num_parameters(),
         "batch_size": batch_size,
@@ -224,10 +224,10 @@ def bench_generation(model: GPTModel, new_tokens: int = 100, prompt_len: int = 1
     for use_cache in (True, False):
         times = []
         for i in range(warmup + runs):
-            _sync()
+            sync()
             t0 = time.perf_counter()
             out = generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache)
-            _sync()
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         outputs[use_cache] = out
@@ -243,7 +243,8 @@ def bench_generation(model: GPTModel, new_tokens: int = 100, prompt_len: int = 1
     return res
 
 
-def _device_name() -> str:
+def device_name() -> str:
+    """The GPU's name, or the CPU's model name and how many CPUs this machine has."""
     if backend.get_backend() == "cupy":
         cp = backend.xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)

@@ -52,7 +52,7 @@ def course_config() -> GPTConfig:
 
 def environment() -> dict:
     info = {"backend": mg.get_backend(), "numpy": np.__version__, "python": platform.python_version(),
-            "device": bench._device_name()}   # the GPU's name, or the CPU's model name
+            "device": bench.device_name()}   # the GPU's name, or the CPU's model name
     if mg.get_backend() == "cupy":
         cp = mg.backend.xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -185,14 +185,14 @@ def check_training(quick: bool, steps: int | None = None, batch_size: int = 2) -
     opt = mg.optim.AdamW(model.parameters(), lr=1e-2 if quick else 4e-4, weight_decay=0.1)
     losses, times = [], []
     for x, y in batches:
-        bench._sync()
+        bench.sync()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bench._sync()
+        bench.sync()
         times.append(time.perf_counter() - t0)
     if not all(np.isfinite(losses)):
         raise AssertionError(f"non-finite loss: {losses}")

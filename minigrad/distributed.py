@@ -92,10 +92,7 @@ def init(timeout: float | None = None) -> Communicator:
     except ImportError as exc:
         raise DistributedError(f"this process was started by mpiexec with {launched_world_size()} ranks, "
                                f"but mpi4py cannot be imported ({exc}); {MPI_INSTALL_HINT}") from None
-    mpi = MPICommunicator(MPI.COMM_WORLD, timeout)
-    if backend.get_backend() == "cupy":
-        return NCCLCommunicator(mpi)
-    return mpi
+    return for_backend(MPICommunicator(MPI.COMM_WORLD, timeout))
 
 
 def select_device(comm: Communicator) -> None:
@@ -122,6 +119,13 @@ def flatten_into(arrays, out):
         out[offset:offset + a.size] = a.reshape(-1)
         offset += a.size
     return out
+
+
+def grads_or_zeros(params) -> list:
+    """Each parameter's gradient, or zeros for one that got none this step (not used by this
+    rank's batch): every rank must send the same layout of the same size."""
+    xp = backend.xp
+    return [p.grad if p.grad is not None else xp.zeros(p.shape, dtype=p.dtype) for p in params]
 
 
 def unflatten_from(flat, arrays) -> None:
@@ -180,6 +184,11 @@ class Communicator:
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def _check_scatter_sizes(self, buf, out) -> None:
+        if buf.size != out.size * self.world_size:
+            raise DistributedError(f"reduce-scatter of {buf.size} items into shards of {out.size} on "
+                                   f"{self.world_size} ranks")
 
     def abort(self, code: int = 1) -> None:
         """Stop every rank now (after an error only some ranks saw)."""
@@ -273,9 +282,7 @@ class MPICommunicator(Communicator):
     def reduce_scatter(self, buf, out, average=True):
         self._check(buf)
         self._check(out)
-        if buf.size != out.size * self.world_size:
-            raise DistributedError(f"reduce-scatter of {buf.size} items into shards of {out.size} on "
-                                   f"{self.world_size} ranks")
+        self._check_scatter_sizes(buf, out)
         self.wait(self.comm.Ireduce_scatter_block(buf, out, op=self.MPI.SUM), "reduce-scatter")
         if average:
             out /= out.dtype.type(self.world_size)
@@ -377,9 +384,7 @@ class NCCLCommunicator(Communicator):
         return buf
 
     def reduce_scatter(self, buf, out, average=True):
-        if buf.size != out.size * self.world_size:
-            raise DistributedError(f"reduce-scatter of {buf.size} items into shards of {out.size} on "
-                                   f"{self.world_size} ranks")
+        self._check_scatter_sizes(buf, out)
         start = time.perf_counter()
         self.comm.reduceScatter(buf.data.ptr, out.data.ptr, out.size, self._dtype(buf),
                                 self.nccl.NCCL_SUM, self._stream())
@@ -433,10 +438,9 @@ class GradientBucket:
     def average_(self) -> None:
         if self.comm.world_size == 1:
             return
-        xp = backend.xp
-        grads = [p.grad if p.grad is not None else xp.zeros(p.shape, dtype=p.dtype) for p in self.params]
+        grads = grads_or_zeros(self.params)
         if self.flat is None or self.flat.dtype != grads[0].dtype:
-            self.flat = xp.empty(self.size, dtype=grads[0].dtype)
+            self.flat = backend.xp.empty(self.size, dtype=grads[0].dtype)
         self.comm.all_reduce_(flatten_into(grads, self.flat))
         # Each gradient becomes a view of its slice of the averaged buffer (no copy back).
         offset = 0

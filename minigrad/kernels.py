@@ -42,9 +42,19 @@ def _on_gpu() -> bool:
 ELEMENTWISE_CHUNK = 1 << 15  # elements per chunk of an elementwise formula: 128 KiB per float32 buffer
 
 
-def _chunks(n: int, size: int):
-    """Slices that cut range(n) into pieces of at most `size` elements."""
-    return (slice(s, min(s + size, n)) for s in range(0, n, size))
+def _chunks(stop: int, size: int, start: int = 0):
+    """Slices that cut range(start, stop) into pieces of at most `size` elements."""
+    return (slice(s, min(s + size, stop)) for s in range(start, stop, size))
+
+
+def _gelu_tanh_u(x, out):
+    """out = tanh(u), u = C x (1 + A x^2): GELU's inner term, in place in `out` (x's size)."""
+    np.multiply(x, x, out=out)
+    out *= GELU_A
+    out += 1.0
+    out *= x
+    out *= GELU_C        # u
+    return np.tanh(out, out=out)
 
 
 def gelu_forward(x):
@@ -78,13 +88,7 @@ def _gelu_forward_numpy(x, keep_tanh):
     t = np.empty_like(xf) if keep_tanh else np.empty(min(xf.size, ELEMENTWISE_CHUNK), dtype=xf.dtype)
     for c in _chunks(xf.size, ELEMENTWISE_CHUNK):
         xc, yc = xf[c], y[c]
-        tc = t[c] if keep_tanh else t[:c.stop - c.start]
-        np.multiply(xc, xc, out=tc)
-        tc *= GELU_A
-        tc += 1.0
-        tc *= xc
-        tc *= GELU_C         # u
-        np.tanh(tc, out=tc)  # tanh(u), kept for the backward pass
+        tc = _gelu_tanh_u(xc, t[c] if keep_tanh else t[:c.stop - c.start])  # kept for backward
         np.add(tc, 1.0, out=yc)
         yc *= xc
         yc *= 0.5
@@ -109,16 +113,7 @@ def gelu_backward(x, g, tanh_u=None):
         xc, gc, d = xf[c], gf[c], dx[c]
         k = c.stop - c.start
         sech2 = s_buf[:k]
-        if tf is None:
-            t = t_buf[:k]
-            np.multiply(xc, xc, out=t)
-            t *= GELU_A
-            t += 1.0
-            t *= xc
-            t *= GELU_C
-            np.tanh(t, out=t)              # t = tanh(u)
-        else:
-            t = tf[c]                      # read only
+        t = _gelu_tanh_u(xc, t_buf[:k]) if tf is None else tf[c]   # tf: read only
         np.multiply(xc, xc, out=d)
         d *= 3.0 * GELU_A
         d += 1.0
@@ -293,9 +288,8 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     def update(piece):
         start, stop = piece
         t_buf = np.empty(min(stop - start, ADAMW_CHUNK), dtype=w.dtype)  # scratch, one per thread
-        for s in range(start, stop, ADAMW_CHUNK):
-            e = min(s + ADAMW_CHUNK, stop)
-            wc, gc, mc, vc, t = wf[s:e], gf[s:e], mf[s:e], vf[s:e], t_buf[:e - s]
+        for c in _chunks(stop, ADAMW_CHUNK, start):
+            wc, gc, mc, vc, t = wf[c], gf[c], mf[c], vf[c], t_buf[:c.stop - c.start]
             if weight_decay != 0:
                 wc *= decay
             mc *= beta1

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 from . import backend, kernels
-from .distributed import Communicator, flatten_into, unflatten_from
+from .distributed import Communicator, flatten_into, grads_or_zeros, unflatten_from
 from .optim import AdamW
 
 
@@ -100,11 +100,9 @@ class ZeroAdamW(AdamW):
     # -- the step ------------------------------------------------------------------------------
     def reduce_gradients(self) -> None:
         """Collective: average the gradients over the ranks, keeping only this rank's shard."""
-        xp = backend.xp
         params = self._all_params()
-        grads = [p.grad if p.grad is not None else xp.zeros(p.shape, dtype=self.dtype) for p in params]
         self.flat[self.total:] = 0
-        flatten_into(grads, self.flat)
+        flatten_into(grads_or_zeros(params), self.flat)
         self.comm.reduce_scatter(self.flat, self.grad_shard)
         for p in params:
             p.grad = None          # un-averaged and no longer needed: free it
@@ -149,6 +147,14 @@ class ZeroAdamW(AdamW):
         self._reduced = False
 
     # -- memory and checkpoints ----------------------------------------------------------------
+    def _unsharded(self, step_count: int) -> AdamW:
+        """A plain AdamW over the same parameter groups, with empty moments."""
+        full = AdamW.__new__(AdamW)
+        full.param_groups = self.param_groups
+        full.step_count = step_count
+        full.state = [dict() for _ in self._all_params()]
+        return full
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state (m and v) held by this rank."""
         return int(self.m.nbytes + self.v.nbytes)
@@ -157,10 +163,7 @@ class ZeroAdamW(AdamW):
         """Collective: a plain AdamW over the same parameters holding the full moments (every
         rank gets one), for writing the same checkpoint as unsharded training."""
         xp = backend.xp
-        full = AdamW.__new__(AdamW)
-        full.param_groups = self.param_groups
-        full.step_count = self.step_count
-        full.state = [dict() for _ in self._all_params()]
+        full = self._unsharded(self.step_count)
         if self.step_count == 0:
             return full
         gathered = xp.empty(self.shard_size * self.comm.world_size, dtype=self.dtype)
@@ -178,9 +181,6 @@ class ZeroAdamW(AdamW):
 
     def load_state_dict(self, state: dict) -> None:
         """Load an unsharded AdamW state (any number of ranks wrote it) and keep this rank's slice."""
-        full = AdamW.__new__(AdamW)
-        full.param_groups = self.param_groups
-        full.state = [dict() for _ in self._all_params()]
-        full.step_count = 0
-        AdamW.load_state_dict(full, state)
+        full = self._unsharded(0)
+        full.load_state_dict(state)
         self._load_full_state(full.state, full.step_count)
