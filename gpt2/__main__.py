@@ -1,4 +1,4 @@
-"""`python -m gpt2 ...` (and the `minigrad-gpt2` script): see gpt2/cli.py."""
+"""`python -m gpt2 ...` (and the `minigrad-gpt2` script): see gpt2/cli/main.py."""
 
 import sys
 

@@ -115,8 +115,11 @@ def config_for(name: str, **overrides) -> GPTConfig:
     return MODEL_SIZES[name](**overrides)
 
 
+# The course run's model (chapter 05, and the defaults of `train`, `bench` and `selftest`): GPT-2
+# 124M's shape with these settings, as *LLMs from Scratch* trains it.
+COURSE = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
+
+
 def course_config(**overrides) -> GPTConfig:
-    """The course run's model (chapter 05): 124M shape, context 256, dropout 0.1, no qkv bias,
-    untied output head -- as *LLMs from Scratch* trains it."""
-    base = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
-    return gpt2_124m(**{**base, **overrides})
+    """The course run's model: 124M shape, context 256, dropout 0.1, no qkv bias, untied head."""
+    return gpt2_124m(**{**COURSE, **overrides})

@@ -1,4 +1,4 @@
-"""`gpt2.bench`: the benchmark runs on a tiny model and reports sane numbers (no timing limits)."""
+"""`gpt2.cli.bench`: the benchmark runs on a tiny model and reports sane numbers (no timing limits)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from gpt2 import GPTConfig, bench
+from gpt2 import GPTConfig
+from gpt2.cli import bench
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, dropout=0.1,
                  qkv_bias=False, tie_embeddings=False)

@@ -1,4 +1,4 @@
-"""The command line (gpt2/cli.py): help, train + generate end to end, and one-line errors."""
+"""The command line (gpt2/cli/main.py): help, train + generate end to end, and one-line errors."""
 
 from __future__ import annotations
 

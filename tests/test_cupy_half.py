@@ -19,9 +19,8 @@ import pytest
 from gpt2_helpers import ByteTokenizer, python_for, tiny_model, tokenizer_or_skip
 
 import minigrad as mg
-from gpt2 import bench
 from gpt2.checkpoint import save_checkpoint
-from gpt2.cli import main
+from gpt2.cli import bench, main
 from gpt2.data import create_loaders
 from gpt2.train import calc_loss_batch, make_optimizer
 

@@ -116,7 +116,7 @@ def test_zero_with_one_rank_is_a_one_line_error(tmp_path, capsys):
 def test_a_signal_just_after_the_stop_vote_counts_at_the_next_step():
     """Every rank stops on the agreed vote, never on a flag its own signal set after the vote
     (that stopped one rank alone, and the others waited for it in the next all-reduce)."""
-    from gpt2.ranks import stop_asked_on_any_rank
+    from gpt2.cli.ranks import stop_asked_on_any_rank
 
     class Rank1:
         rank, world_size = 1, 2

@@ -51,10 +51,8 @@ def test_a_wrong_kernel_fails_the_selftest(capsys, monkeypatch):
 
 def test_the_full_run_uses_the_course_model():
     """Without --quick, training and bench use the 124M course shape (context 256, no qkv bias)."""
-    from gpt2 import selftest
-    from gpt2.bench import COURSE_DEFAULTS
-    from gpt2.config import config_for
+    from gpt2.config import COURSE, config_for
 
-    config = selftest.course_config()
-    assert config == config_for("gpt2-124m", **COURSE_DEFAULTS) and config.context_length == 256
+    config = config_for("gpt2-124m", **COURSE)
+    assert config.context_length == 256 and config.dropout == 0.1 and not config.qkv_bias
     assert config.num_parameters() == 162_419_712

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import MODEL_SIZES, GPTConfig, config_for
-from .errors import GPT2Error
+from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
+from ..errors import GPT2Error
+from ..train import TrainConfig
 from .flags import PROG, flag_name, require_finite, require_positive
-from .train import TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(MODEL_SIZES), default="gpt2-124m",
                    help="the GPT-2 shape (layers, heads, width); the flags below override parts of it")
     g = p.add_argument_group("model overrides")
-    g.add_argument("--context-length", type=int, default=256, metavar="N",
+    g.add_argument("--context-length", type=int, default=COURSE["context_length"], metavar="N",
                    help="tokens per training window (at most the size's 1024)")
     g.add_argument("--n-layers", "--n-layer", type=int, default=None, metavar="N", help="transformer blocks "
                    "(default: the --model size's)")
@@ -33,10 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the --model size's)")
     g.add_argument("--emb-dim", "--n-embd", type=int, default=None, metavar="N",
                    help="embedding width, divisible by --n-heads (default: the --model size's)")
-    g.add_argument("--dropout", type=float, default=0.1, metavar="P", help="dropout probability in [0, 1)")
-    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--dropout", type=float, default=COURSE["dropout"], metavar="P",
+                   help="dropout probability in [0, 1)")
+    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=COURSE["qkv_bias"],
                    help="biases on the query/key/value projection (default: off)")
-    g.add_argument("--tie-embeddings", "--tie", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--tie-embeddings", "--tie", action=argparse.BooleanOptionalAction,
+                   default=COURSE["tie_embeddings"],
                    help="share the token embedding with the output head (default: untied)")
     g.add_argument("--init", choices=["book", "gpt2"], default="book",
                    help="weight initialisation: book = PyTorch's layer defaults, as LLMs from Scratch "
@@ -173,15 +175,6 @@ def check_args(args, world_size: int) -> GPTConfig:
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
                      "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data",
                      "zero")
-_RUN_TYPES = {"data": str, "model": str, "context_length": int, "n_layers": int, "n_heads": int,
-              "emb_dim": int, "dropout": float, "qkv_bias": bool, "tie_embeddings": bool, "epochs": int,
-              "max_steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-              "grad_clip": float, "eval_every": int, "eval_iter": int, "sample_prompt": str, "seed": int,
-              "backend": str, "save_every": int, "keep": int, "skip_nonfinite": bool, "no_progress": bool,
-              "grad_accum": int, "min_lr": float, "beta2": float, "decay_all": bool, "keep_best": bool,
-              "zero": int}
-
-
 def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
     """The flags of the run saved in `ckpt_dir`, with the ones this command changes on top.
 
@@ -196,13 +189,11 @@ def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
     explicit = getattr(args, "given", None)   # the flags on the command line (set by cli.main)
     merged = argparse.Namespace(**vars(args))
     changes = []
-    for key, typ in _RUN_TYPES.items():
+    for key in defaults:
         if key not in run:
             continue                      # saved by an older version: this command's value
         saved = run[key]
-        ok = saved is None or (isinstance(saved, typ) and not (typ is not bool and isinstance(saved, bool))) \
-            or (typ is float and isinstance(saved, int) and not isinstance(saved, bool))
-        if not ok:
+        if not _could_be_given(key, saved, defaults[key]):
             raise GPT2Error(f"{ckpt_dir}/trainer_state.json: the run setting {key} has an invalid value "
                             f"{str(saved)[:40]} (the checkpoint is damaged)")
         given = getattr(args, key)
@@ -218,8 +209,34 @@ def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
     return merged, changes
 
 
+class _StrictParser(argparse.ArgumentParser):
+    """The train flags alone, raising ValueError on a bad value instead of printing and exiting."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _StrictParser(add_help=False)
+    add_arguments(parser)
+    return parser
+
+
 def _defaults() -> dict:
     """Every train flag's default (what `train` alone parses to)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    return vars(parser.parse_args([]))
+    return vars(_parser().parse_args([]))
+
+
+def _could_be_given(key: str, saved, default) -> bool:
+    """Whether a saved run setting is a value the flag `key` can take: the type of its default,
+    or (a flag whose default is None) the same value back when parsed from the command line."""
+    if saved is None or saved == default:
+        return True
+    if isinstance(default, bool) or isinstance(saved, bool):
+        return isinstance(saved, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float, str)):
+        return isinstance(saved, type(default)) or (isinstance(default, float) and isinstance(saved, int))
+    try:
+        return vars(_parser().parse_args([flag_name(key), str(saved)]))[key] == saved
+    except ValueError:
+        return False

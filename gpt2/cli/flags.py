@@ -9,7 +9,7 @@ import math
 
 import minigrad as mg
 
-from .errors import GPT2Error
+from ..errors import GPT2Error
 
 PROG = "python -m gpt2"
 

@@ -39,13 +39,10 @@ import minigrad as mg
 from minigrad import backend, optim
 from minigrad import functional as F
 
-from .config import MODEL_SIZES, GPTConfig, config_for
-from .errors import GPT2Error
-from .generate import generate
-from .model import GPTModel
-
-COURSE_DEFAULTS = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
-
+from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
+from ..errors import GPT2Error
+from ..generate import generate
+from ..model import GPTModel
 
 # ---------------------------------------------------------------------------------------------
 # what a step costs, on paper
@@ -306,7 +303,7 @@ def add_arguments(parser) -> None:
 
 def settings_from_args(args) -> dict:
     """Course defaults, then the preset, then every flag the user gave."""
-    settings = dict(COURSE_DEFAULTS, batch_size=2)
+    settings = dict(COURSE, batch_size=2)
     settings.update(PRESETS.get(getattr(args, "preset", None), {}))
     for field in ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length", "batch_size",
                   "dropout", "qkv_bias", "tie_embeddings"):
@@ -372,7 +369,7 @@ def format_report(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m gpt2.bench", description=__doc__,
+    _parser = argparse.ArgumentParser(prog="python -m gpt2.cli.bench", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

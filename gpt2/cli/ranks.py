@@ -22,7 +22,7 @@ import sys
 import minigrad as mg
 from minigrad import distributed
 
-from .errors import GPT2Error
+from ..errors import GPT2Error
 from .flags import flag_name, one_line
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import minigrad as mg
 
-from .checkpoint import (
+from ..checkpoint import (
     _CKPT_DIR,
     CHECKPOINT_FILES,
     LATEST_FILE,
@@ -26,7 +26,7 @@ from .checkpoint import (
     save_run_checkpoint,
     update_trainer_state,
 )
-from .errors import GPT2Error
+from ..errors import GPT2Error
 
 BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the numbered ones
 

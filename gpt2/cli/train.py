@@ -3,14 +3,14 @@
 One run, in the order the steps happen (`_train`):
 
   0. resuming: the saved run's own settings, with the few this command may change
-  1. every flag checked before anything slow happens (gpt2/train_flags.py, gpt2/run_dir.py)
+  1. every flag checked before anything slow happens (gpt2/cli/train_flags.py, gpt2/cli/run_saver.py)
   2. the data: a text file or a prepared dataset, and the tokenizer that goes with it
   3. the model and optimizer: seeded and new, or exactly as the checkpoint left them
   4. training (gpt2/train.py), with a checkpoint every --save-every steps, at the end and on
-     Ctrl-C (RunSaver in gpt2/run_dir.py)
+     Ctrl-C (RunSaver in gpt2/cli/run_saver.py)
   5. the report: the final checkpoint, the loss plot, the losses
 
-Under `mpiexec -n N` every rank runs these steps; gpt2/ranks.py keeps the ranks in agreement.
+Under `mpiexec -n N` every rank runs these steps; gpt2/cli/ranks.py keeps the ranks in agreement.
 """
 
 from __future__ import annotations
@@ -27,23 +27,23 @@ from pathlib import Path
 import minigrad as mg
 from minigrad import distributed
 
-from . import checkpoint as ck
+from .. import checkpoint as ck
+from ..config import GPTConfig
+from ..data import create_loaders, read_text, verdict_path
+from ..dataset import PreparedDataset
+from ..errors import GPT2Error
+from ..model import GPTModel
+from ..plot import plot_losses
+from ..tokenizer import get_tokenizer
+from ..train import History, NonFiniteError, TrainConfig, TrainState, init_model_, make_optimizer, total_steps
+from ..train import train as run_training
 from . import ranks
-from .config import GPTConfig
-from .data import create_loaders, read_text, verdict_path
-from .dataset import PreparedDataset
-from .errors import GPT2Error
 from .flags import PROG, use_backend
-from .model import GPTModel
-from .plot import plot_losses
-from .run_dir import BEST_DIR, RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
-from .tokenizer import get_tokenizer
-from .train import History, NonFiniteError, TrainConfig, TrainState, init_model_, make_optimizer, total_steps
-from .train import train as run_training
+from .run_saver import BEST_DIR, RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
 from .train_flags import check_args, config_from_args, loop_config_from_args, resumed_args
 
 
-def cmd_train(args) -> int:
+def run(args) -> int:
     """`train` on one process, or on every rank that `mpiexec -n N` started (data parallel).
 
     With several ranks only rank 0 prints and writes files. An error in the set-up on any rank

@@ -32,20 +32,12 @@ import minigrad as mg
 from minigrad import Tensor, kernels
 from minigrad import functional as F
 
+from ..config import GPTConfig, course_config
+from ..model import GPTModel
 from . import bench
-from .config import GPTConfig, config_for
-from .model import GPTModel
 
 TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0,
                  qkv_bias=False, tie_embeddings=False)
-COURSE = dict(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
-
-
-def course_config() -> GPTConfig:
-    """The course run's model: GPT-2 124M's shape at context 256 (chapter 05, `bench`'s default)."""
-    return config_for("gpt2-124m", **COURSE)
-
-
 # ---------------------------------------------------------------------------------------------
 # what machine is this
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +159,8 @@ def _model_and_batches(quick: bool, steps: int, batch_size: int):
         x = rng.integers(0, config.vocab_size, (batch_size, config.context_length + 1))
         batches = [(x[:, :-1], x[:, 1:])] * steps
     else:
-        from .data import create_loaders, load_text  # noqa: PLC0415
-        from .tokenizer import get_tokenizer  # noqa: PLC0415
+        from ..data import create_loaders, load_text  # noqa: PLC0415
+        from ..tokenizer import get_tokenizer  # noqa: PLC0415
 
         config = course_config()
         loader, _ = create_loaders(load_text(), batch_size=batch_size, max_length=config.context_length,
@@ -305,7 +297,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
 
 
-def run_cli(args) -> int:
+def run(args) -> int:
     try:
         report = selftest(args.backend, quick=args.quick, tests=not args.no_tests, out=sys.stdout)
     finally:
