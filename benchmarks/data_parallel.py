@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minigrad as mg  # noqa: E402
 from gpt2 import GPTModel, course_config  # noqa: E402
-from gpt2.train import calc_loss_batch, make_optimizer  # noqa: E402
+from gpt2.evaluate import calc_loss_batch
+from gpt2.train import make_optimizer  # noqa: E402
 from minigrad import distributed  # noqa: E402
 from minigrad.zero import ZeroAdamW  # noqa: E402
 

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     import minigrad as mg
     from gpt2.config import course_config
     from gpt2.data import create_loaders, load_text
-    from gpt2.model import GPTModel
-    from gpt2.train import init_model_, make_optimizer
+    from gpt2.model import GPTModel, init_model_
+    from gpt2.train import make_optimizer
     from minigrad import functional as F
 
     mg.set_default_dtype(np.float32)

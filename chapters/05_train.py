@@ -28,17 +28,12 @@ import minigrad as mg
 from gpt2 import GPTModel, course_config, generate
 from gpt2.checkpoint import load_checkpoint, save_checkpoint
 from gpt2.data import create_loaders, load_text
+from gpt2.evaluate import calc_loss_loader
 from gpt2.generate import next_token
+from gpt2.model import pytorch_default_init_
 from gpt2.plot import plot_losses
 from gpt2.tokenizer import get_tokenizer
-from gpt2.train import (
-    TrainConfig,
-    TrainState,
-    calc_loss_loader,
-    make_optimizer,
-    pytorch_default_init_,
-    train,
-)
+from gpt2.train import TrainConfig, TrainState, make_optimizer, train
 from minigrad import functional as F
 
 QUICK = os.environ.get("GPT2_CHAPTER_QUICK", "") not in ("", "0")

@@ -214,7 +214,7 @@ for label, m in models.items():
 
 # %%
 from gpt2.data import create_loaders, load_text
-from gpt2.train import calc_loss_loader
+from gpt2.evaluate import calc_loss_loader
 
 try:
     text = load_text()

@@ -29,10 +29,12 @@ from gpt2 import GPTConfig, GPTModel, generate
 from gpt2.checkpoint import load_checkpoint, save_checkpoint
 from gpt2.data import named_text_path
 from gpt2.dataset import PreparedDataset
+from gpt2.evaluate import calc_loss_batch
 from gpt2.plot import plot_losses
 from gpt2.prepare import prepare
 from gpt2.tokenizer import CharTokenizer
-from gpt2.train import TrainConfig, accumulate_gradients, calc_loss_batch, make_optimizer, train
+from gpt2.train import TrainConfig, make_optimizer, train
+from gpt2.train_extras import accumulate_gradients
 from minigrad.optim import WarmupCosine
 
 QUICK = os.environ.get("GPT2_CHAPTER_QUICK", "") not in ("", "0")

@@ -24,7 +24,8 @@ import numpy as np
 import minigrad as mg
 from gpt2 import GPTModel
 from gpt2.config import GPTConfig
-from gpt2.train import calc_loss_batch, rank_slice
+from gpt2.evaluate import calc_loss_batch
+from gpt2.train_extras import rank_slice
 from minigrad import distributed
 from minigrad.optim import AdamW
 from minigrad.zero import ZeroAdamW
@@ -159,7 +160,7 @@ for n in (2, 3, 4, 8):
 # slice is the whole batch and the average a no-op.
 
 # %%
-xs, ys = rank_slice(x, y, comm)
+xs, ys = rank_slice(x, y, comm=comm)
 say(f"rank 0 trains on rows 0..{len(xs) - 1} of the batch of {len(x)}")
 assert len(xs) * comm.world_size == len(x)
 for p in params:
@@ -236,7 +237,7 @@ for _ in range(3):
     calc_loss_batch(x, y, reference).backward()  # the whole batch, this process alone
     ref_opt.step()
     zero_opt.zero_grad()
-    calc_loss_batch(*rank_slice(x, y, comm), model).backward()
+    calc_loss_batch(*rank_slice(x, y, comm=comm), model).backward()
     zero_opt.step()                               # reduce-scatter, shard update, all-gather
 for p, q in zip(model.parameters(), reference.parameters()):
     assert np.allclose(mg.to_numpy(p.data), mg.to_numpy(q.data), rtol=1e-10, atol=1e-12)

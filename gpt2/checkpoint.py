@@ -1,6 +1,6 @@
 """Checkpoints: a directory that holds everything needed to rebuild a model (and resume training).
 
-    runs/verdict/
+    runs/verdict/ckpt-000090/
       config.json              the GPTConfig, so the model can be rebuilt with the right shape
       model.safetensors        every parameter by name (blocks.0.attn.qkv.weight, ...)
       optimizer.safetensors    AdamW's moments m and v, one pair per parameter   (training only)
@@ -11,23 +11,15 @@
 
 safetensors is a flat header + raw bytes: loading it runs no code (unlike pickle) and gives back
 exactly the bytes that were saved, so a reloaded model is bit-for-bit the one that was saved.
-Every file is written to a temporary name in the same folder and renamed into place, so a crash
-mid-save leaves the previous file intact rather than half a file. Loading checks every file
-before trusting it (gpt2/safeio.py): a truncated or forged file, wrong dtypes, shapes that
-disagree with config.json, or NaNs are one GPT2Error naming the file.
+Every file is written to a temporary name in the same folder and renamed into place
+(gpt2/safeio.py), so a crash mid-save leaves the previous file intact rather than half a file.
+Loading checks every file before trusting it: a truncated or forged file, wrong dtypes, shapes
+that disagree with config.json, or NaNs are one GPT2Error naming the file. trainer_state.json is
+read here as a JSON object of a known format version; each part of it is checked by what uses
+it, when a run is resumed (gpt2/resume.py).
 
-A training run (`python -m gpt2 train --out runs/verdict`) keeps a *run directory* of them:
-
-    runs/verdict/
-      ckpt-000100/             one checkpoint directory as above, per save (the last --keep kept)
-      ckpt-000200/
-      latest                   the name of the newest complete checkpoint ("ckpt-000200")
-      loss.png
-
-`save_run_checkpoint` builds each checkpoint in a hidden temporary directory, renames it into
-place only once every file is on disk, and only then moves `latest`; a `kill -9` at any moment
-leaves `latest` naming a complete checkpoint. Everything that loads accepts either a run
-directory (following `latest`) or a single checkpoint directory.
+Everything that loads accepts a checkpoint directory or a training run's directory, whose
+newest complete `ckpt-<step>/` it loads (gpt2/run_dir.py writes those).
 """
 
 from __future__ import annotations
@@ -36,8 +28,6 @@ import dataclasses
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +41,7 @@ from . import safeio
 from .config import GPTConfig
 from .errors import GPT2Error
 from .model import GPTModel, build_uninitialised
+from .tokenizer import get_tokenizer, tokenizer_from_dict
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -77,7 +68,7 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
+# Writing
 # ---------------------------------------------------------------------------------------------
 
 def _write_json(path: Path, obj) -> None:
@@ -164,15 +155,18 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, state=None, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# Run directories: ckpt-<step>/ ... and `latest`
+# Finding a checkpoint: a checkpoint directory, or the newest of a run directory
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_name(step: int) -> str:
+    """The name of a run directory's checkpoint after `step` steps: ckpt-000090."""
     return f"ckpt-{step:06d}"
 
 
-def _step_of(path: Path) -> int:
-    return int(_CKPT_DIR.fullmatch(path.name).group(1))
+def checkpoint_step(path) -> int | None:
+    """The step of a `ckpt-<step>` directory's name (None: not such a name)."""
+    m = _CKPT_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -181,8 +175,8 @@ def list_checkpoints(run_dir) -> list[Path]:
         entries = list(Path(run_dir).iterdir())
     except OSError:
         return []
-    found = [p for p in entries if _CKPT_DIR.fullmatch(p.name) and is_checkpoint(p)]
-    return sorted(found, key=_step_of)
+    found = [p for p in entries if checkpoint_step(p) is not None and is_checkpoint(p)]
+    return sorted(found, key=checkpoint_step)
 
 
 def is_run_dir(path) -> bool:
@@ -192,7 +186,7 @@ def is_run_dir(path) -> bool:
     if (path / LATEST_FILE).exists():
         return True
     try:
-        return any(_CKPT_DIR.fullmatch(p.name) or p.name.startswith(".tmp-ckpt-") for p in path.iterdir())
+        return any(checkpoint_step(p) is not None or p.name.startswith(".tmp-ckpt-") for p in path.iterdir())
     except OSError:
         return False
 
@@ -223,77 +217,6 @@ def resolve_checkpoint(path) -> Path:
         return ckpt
     _check_dir(path)
     return path
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint directory: first renamed to a hidden name, so that a crash half-way
-    through never leaves something that looks like a checkpoint."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def remove_leftovers(run_dir) -> None:
-    """Delete what a killed save or prune left behind (.tmp-ckpt-* and .trash-ckpt-* folders)."""
-    for p in Path(run_dir).glob(".tmp-ckpt-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(run_dir).glob(".trash-ckpt-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def save_run_checkpoint(run_dir, model: GPTModel, optimizer=None, state=None, *, step: int,
-                        keep: int | None = None, tokenizer=None, name: str | None = None) -> Path:
-    """Save checkpoint `run_dir/ckpt-<step>/` crash-safely and point `run_dir/latest` at it.
-
-    1. Every file is written (and fsynced) into a hidden `.tmp-ckpt-<step>-*` directory.
-    2. That directory is renamed to `ckpt-<step>` in one step, and the run directory fsynced.
-    3. `latest` is rewritten atomically to name it.
-    4. With `keep`, all but the newest `keep` checkpoints are deleted.
-    A crash or `kill -9` at any moment leaves `latest` naming a complete checkpoint. Saving a
-    step that already has a checkpoint replaces it. Returns the checkpoint directory.
-    `name` saves as `run_dir/<name>` instead (e.g. "best"), the same way, leaving `latest` and
-    the numbered checkpoints alone.
-    """
-    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-        raise GPT2Error(f"step must be an integer >= 0, got {step!r}")
-    if keep is not None and (not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 1):
-        raise GPT2Error(f"keep must be a positive integer, got {keep!r}")
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GPT2Error(f"run directory {run_dir} exists and is not a directory; choose another path")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(run_dir)
-    special = name is not None
-    name = name if special else checkpoint_name(int(step))
-    final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=run_dir))
-    try:
-        os.chmod(tmp, safeio.default_mode(directory=True))
-        save_checkpoint(tmp, model, optimizer, state, tokenizer=tokenizer)
-        safeio.fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        safeio.fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if special:
-        return final
-    safeio.write_text(run_dir / LATEST_FILE, name + "\n")
-    if keep is not None:
-        for old in list_checkpoints(run_dir)[:-int(keep)]:
-            if old != final:
-                _discard(old)
-    return final
-
-
-def update_trainer_state(path, updates: dict) -> None:
-    """Rewrite a checkpoint's trainer_state.json with some fields changed (atomically), e.g. the
-    history after the end-of-training sample, without saving the unchanged weights again."""
-    path = resolve_checkpoint(path)
-    state = _read_trainer_state(path / STATE_FILE)
-    _write_json(path / STATE_FILE, {**state, **updates})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +285,6 @@ def _check_dir(path: Path) -> None:
 def _read_tokenizer(path: Path, config: GPTConfig):
     """The character tokenizer recorded in `path`/tokenizer.json, or None for GPT-2's BPE (recorded
     as such, or nothing recorded: older checkpoints)."""
-    from .tokenizer import tokenizer_from_dict  # noqa: PLC0415
-
     file = path / TOKENIZER_FILE
     if not file.is_file():
         return None
@@ -382,8 +303,6 @@ def _read_tokenizer(path: Path, config: GPTConfig):
 
 def load_tokenizer(path):
     """The tokenizer a checkpoint was trained with: the one in tokenizer.json, else GPT-2's BPE."""
-    from .tokenizer import get_tokenizer  # noqa: PLC0415
-
     path = resolve_checkpoint(path)
     return _read_tokenizer(path, _read_config(path / CONFIG_FILE)) or get_tokenizer()
 
@@ -435,120 +354,44 @@ def _load(path, with_state: bool, optimizer: bool) -> Checkpoint:
         if optimizer and opt is not None:
             if not (path / OPTIMIZER_FILE).is_file():
                 raise GPT2Error(f"{path / OPTIMIZER_FILE} is missing, but {STATE_FILE} says it was saved")
-            ckpt.optimizer_state = {"step": opt["step"], "groups": opt["groups"],
+            opt = opt if isinstance(opt, dict) else {}   # checked by the optimizer it is loaded into
+            ckpt.optimizer_state = {"step": opt.get("step"), "groups": opt.get("groups"),
                                     "tensors": _read_safetensors(path / OPTIMIZER_FILE)}
     return ckpt
 
 
 # ---------------------------------------------------------------------------------------------
-# trainer_state.json: checked field by field, since a resumed run acts on every one of them
+# trainer_state.json
 # ---------------------------------------------------------------------------------------------
 
-_HISTORY_NUMBERS = ("steps", "epochs", "tokens_seen", "train_losses", "val_losses", "lrs")
-
-
 def _read_trainer_state(path: Path) -> dict:
+    """A JSON object of a format this version reads. Its fields are checked by what uses them
+    (gpt2/resume.py): the optimizer, the loader, the random generator, the history."""
     state = _read_json(path)
-
-    def bad(what: str) -> GPT2Error:
-        return GPT2Error(f"{path}: {what}{_DAMAGED}")
-
     if not isinstance(state, dict):
-        raise bad("must hold a JSON object")
+        raise GPT2Error(f"{path}: must hold a JSON object{_DAMAGED}")
     version = state.get("format_version", 1)
     if not _is_int(version, 1):
-        raise bad(f"format_version must be a positive integer, got {str(version)[:40]}")
+        raise GPT2Error(f"{path}: format_version must be a positive integer, got {str(version)[:40]}"
+                        f"{_DAMAGED}")
     if version > FORMAT_VERSION:
         raise GPT2Error(f"{path} was written by a newer version of minigrad-gpt2 (format {version}; this "
                         f"one reads up to {FORMAT_VERSION}): upgrade to load it")
-    for key in ("step", "epoch", "tokens_seen", "skipped_steps"):
-        if key in state and not _is_int(state[key]):
-            raise bad(f"{key} must be an integer >= 0, got {str(state[key])[:40]}")
-    rng = state.get("rng_state")
-    if rng is not None:
-        if not (isinstance(rng, dict) and _is_int(rng.get("seed")) and _is_int(rng.get("draws"))
-                and isinstance(rng.get("pcg64"), dict)):
-            raise bad("rng_state is not a random generator state")
-        try:   # let NumPy check the generator state on a throwaway generator
-            np.random.PCG64(rng["seed"]).state = rng["pcg64"]
-        except Exception:
-            raise bad("rng_state is not a valid PCG64 state") from None
-    opt = state.get("optimizer")
-    if opt is not None:
-        if not (isinstance(opt, dict) and isinstance(opt.get("type"), str) and _is_int(opt.get("step"))
-                and isinstance(opt.get("groups"), list) and opt["groups"]):
-            raise bad("the optimizer entry needs a type, a step and parameter groups")
-        for g in opt["groups"]:
-            if not isinstance(g, dict) or not _is_int(g.get("num_params")):
-                raise bad("each optimizer group needs num_params")
-            for k, v in g.items():
-                ok = (_is_number(v) and v >= 0) if k != "betas" else (
-                    isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v))
-                if not ok and not isinstance(v, bool):
-                    raise bad(f"optimizer setting {k!r} has an invalid value {str(v)[:40]}")
-    loader = state.get("loader")
-    if loader is not None:
-        if not (isinstance(loader, dict)
-                and all(_is_int(loader.get(k)) for k in ("epoch", "batch_index", "seed"))
-                and all(_is_int(loader[k], 1) for k in ("batch_size", "num_windows") if k in loader)
-                and isinstance(loader.get("shuffle", False), bool)):
-            raise bad("the data loader position is invalid")
-    history = state.get("history")
-    if history is not None:
-        if not isinstance(history, dict):
-            raise bad("history must be a JSON object")
-        for key in _HISTORY_NUMBERS:
-            v = history.get(key, [])
-            if not (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                for x in v)):
-                raise bad(f"history.{key} must be a list of numbers")
-        if not (isinstance(history.get("samples", []), list)
-                and all(isinstance(x, str) for x in history.get("samples", []))):
-            raise bad("history.samples must be a list of strings")
-        if not _is_number(history.get("seconds", 0.0)):
-            raise bad("history.seconds must be a number")
     return state
 
 
 def read_trainer_state(path) -> dict | None:
-    """The checked trainer_state.json of a checkpoint (or of a run's latest), None if it has none;
-    reads no weights."""
+    """The trainer_state.json of a checkpoint (or of a run's latest), None if it has none; reads
+    no weights."""
     path = resolve_checkpoint(path)
     return _read_trainer_state(path / STATE_FILE) if (path / STATE_FILE).is_file() else None
 
 
-def restore_training(ckpt: Checkpoint, optimizer, train_loader=None):
-    """Put a run back exactly where it was when `ckpt` was saved, for `train()` to continue:
-    the optimizer's moments, step count and hyper-parameters, the data loader's epoch and
-    position (its shuffle order is a function of (seed, epoch)), and minigrad's random
-    generator (dropout). Returns the run's (TrainState, History).
+def update_trainer_state(path, updates: dict) -> None:
+    """Rewrite a checkpoint's trainer_state.json with some fields changed (atomically), e.g. the
+    history after the end-of-training sample, without saving the unchanged weights again."""
+    path = resolve_checkpoint(path)
+    state = _read_trainer_state(path / STATE_FILE)
+    _write_json(path / STATE_FILE, {**state, **updates})
 
-        ckpt = load_checkpoint("runs/verdict")              # follows runs/verdict/latest
-        optimizer = make_optimizer(ckpt.model)
-        state, history = restore_training(ckpt, optimizer, train_loader)
-        train(ckpt.model, train_loader, val_loader, optimizer, cfg, state=state, history=history)
-    """
-    from .train import History, TrainState  # noqa: PLC0415
 
-    ts, where = ckpt.trainer_state, ckpt.path or "the checkpoint"
-    if ts is None or ckpt.optimizer_state is None or "rng_state" not in ts:
-        raise GPT2Error(f"{where} holds a model but no training state (optimizer, step, random "
-                        "generator), so it cannot be resumed; it can still be used to generate")
-    saved_type = ts["optimizer"]["type"]
-    if saved_type != type(optimizer).__name__:
-        raise GPT2Error(f"{where} was trained with {saved_type}, not {type(optimizer).__name__}")
-    try:
-        optimizer.load_state_dict(ckpt.optimizer_state)
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise GPT2Error(f"{where}/{OPTIMIZER_FILE} does not match the model's parameters ({exc})"
-                        f"{_DAMAGED}") from None
-    if train_loader is not None:
-        if "loader" not in ts:
-            raise GPT2Error(f"{where}/{STATE_FILE} has no data loader position, so it cannot be resumed")
-        train_loader.load_state_dict(ts["loader"])
-    mg.set_rng_state(ts["rng_state"])
-    state = TrainState(step=ts.get("step", 0), epoch=ts.get("epoch", 0), tokens_seen=ts.get("tokens_seen", 0))
-    if "skipped_steps" in ts and hasattr(state, "skipped_steps"):
-        state.skipped_steps = ts["skipped_steps"]
-    history = History.from_dict(ts.get("history") or {})
-    return state, history

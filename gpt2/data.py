@@ -232,6 +232,7 @@ class EpochPosition:
 
     epoch = 0
     batch_index = 0
+    KIND = "windows"   # what state_dict() records, so a state is put back only into its own kind
 
     def __iter__(self):
         for x, y in self.batches(self.epoch, self.batch_index):
@@ -239,6 +240,34 @@ class EpochPosition:
             if self.batch_index == len(self):
                 self.epoch, self.batch_index = self.epoch + 1, 0
             yield x, y
+
+    def state_dict(self) -> dict:
+        return {"kind": self.KIND, "epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
+                "shuffle": self.shuffle, "batch_size": self.batch_size, "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: the same kind of loader over the same windows and batch
+        size, or a GPT2Error saying which differs. (Older text-file states carry no "kind".)"""
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not (isinstance(state, dict) and all(whole(state.get(k)) for k in ("epoch", "batch_index", "seed"))
+                and isinstance(state.get("shuffle", False), bool)):
+            raise GPT2Error("the saved data loader position is invalid (the checkpoint is damaged)")
+        if state.get("kind", "windows") != self.KIND:
+            saved, this = ("a prepared dataset", "a text file") if self.KIND == "windows" else \
+                ("a plain text file", "a prepared dataset")
+            raise GPT2Error(f"the saved data loader state is for {saved}, not {this}; resume with the "
+                            "run's own --data")
+        if state.get("num_windows", self.num_windows) != self.num_windows or \
+                state.get("batch_size", self.batch_size) != self.batch_size:
+            raise GPT2Error("the saved data loader state is for different data or batch size "
+                            f"({state.get('num_windows')} windows, batch {state.get('batch_size')}; now "
+                            f"{self.num_windows} windows, batch {self.batch_size})")
+        if not state["batch_index"] < len(self):
+            raise GPT2Error(f"the saved data loader position {state['batch_index']} is outside the "
+                            f"{len(self)} batches of an epoch")
+        self.epoch, self.batch_index, self.seed = state["epoch"], state["batch_index"], state["seed"]
+        self.shuffle = state.get("shuffle", self.shuffle)
 
 
 class DataLoader(EpochPosition):
@@ -292,27 +321,9 @@ class DataLoader(EpochPosition):
         for i in range(start, len(self)):
             yield self.dataset.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
 
-    # -- resuming ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "shuffle": self.shuffle, "batch_size": self.batch_size, "num_windows": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind", "windows") != "windows":
-            raise GPT2Error("the saved data loader state is for a prepared dataset, not a text file; "
-                            "resume with the run's own --data")
-        if state.get("num_windows", len(self.dataset)) != len(self.dataset) or \
-                state.get("batch_size", self.batch_size) != self.batch_size:
-            raise GPT2Error("the saved data loader state is for different data or batch size "
-                            f"({state.get('num_windows')} windows, batch {state.get('batch_size')}; now "
-                            f"{len(self.dataset)} windows, batch {self.batch_size})")
-        if not 0 <= int(state["batch_index"]) < len(self):
-            raise GPT2Error(f"the saved data loader position {state['batch_index']} is outside the "
-                            f"{len(self)} batches of an epoch")
-        self.epoch = int(state["epoch"])
-        self.batch_index = int(state["batch_index"])
-        self.seed = int(state["seed"])
-        self.shuffle = bool(state.get("shuffle", self.shuffle))
+    @property
+    def num_windows(self) -> int:
+        return len(self.dataset)
 
 
 def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,

@@ -118,6 +118,7 @@ class RandomWindows(EpochPosition):
     """
 
     shuffle = True   # (the DataLoader field that checkpoints record)
+    KIND = "random_windows"
 
     def __init__(self, shards, batch_size: int, context_length: int, seed: int = 0, split_id: int = 0):
         for name, v in (("batch size", batch_size), ("context length", context_length)):
@@ -187,22 +188,3 @@ class RandomWindows(EpochPosition):
         for i in range(start, len(self)):
             yield self.get_batch(epoch * len(self) + i)
 
-    # -- resuming ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"kind": "random_windows", "epoch": self.epoch, "batch_index": self.batch_index,
-                "seed": self.seed, "shuffle": True, "batch_size": self.batch_size,
-                "num_windows": self.num_windows}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "random_windows":
-            raise GPT2Error("the saved data loader state is for a plain text file, not a prepared dataset; "
-                            "resume with the run's own --data")
-        if state.get("num_windows") != self.num_windows or state.get("batch_size") != self.batch_size:
-            raise GPT2Error("the saved data loader state is for different data or batch size "
-                            f"({state.get('num_windows')} windows, batch {state.get('batch_size')}; now "
-                            f"{self.num_windows} windows, batch {self.batch_size})")
-        if not 0 <= int(state["batch_index"]) < len(self):
-            raise GPT2Error(f"the saved data loader position {state['batch_index']} is outside the "
-                            f"{len(self)} batches of an epoch")
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
-        self.seed = int(state["seed"])

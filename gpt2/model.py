@@ -214,3 +214,52 @@ def _check_ids(ids, config: GPTConfig):
 def model_memory_bytes(config: GPTConfig, dtype=np.float32) -> int:
     """Bytes the parameters take (without gradients or optimizer state, which add 3x for AdamW)."""
     return config.num_parameters() * np.dtype(dtype).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Other initialisations (GPT-2's own is GPTModel._init_weights)
+# ---------------------------------------------------------------------------------------------
+
+INITS = ("book", "gpt2")
+
+
+def pytorch_default_init_(model) -> None:
+    """Re-draw every parameter as PyTorch's default layers would, in place: *LLMs from Scratch*'s
+    GPTModel has no init of its own, so this is the book's starting point.
+
+        Linear weight and bias   uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        Embedding                normal(0, 1)
+        LayerNorm                scale 1, shift 0
+
+    Why the course run uses it rather than GPT-2's normal(0, 0.02) (GPTModel's default): the
+    course trains 90 steps at a constant lr of 4e-4 with an untied head. From GPT-2's tiny
+    embeddings that run stalls at a loss of about 6, predicting only frequent tokens; from
+    unit-variance embeddings it memorises the story (train loss < 1) as the book shows.
+    PyTorch from the same weights on the same batches, dropout off, gives the same losses to
+    within 1e-5 over 30 steps (`benchmarks/same_run.py`). GPT-2's init is the
+    better default for long runs with warmup (nanoGPT's recipe), and the one to use with a tied
+    head (unit-variance embeddings as output weights give huge initial logits).
+
+    Draws from minigrad's seeded generator, so `mg.manual_seed` makes it reproducible.
+    """
+    rng = backend.rng()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.weight.shape[1])
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data = ((rng.random(p.shape) * 2.0 - 1.0) * bound).astype(p.dtype, copy=False)
+        elif isinstance(m, nn.Embedding):
+            m.weight.data = rng.normal(m.weight.shape, std=1.0, dtype=m.weight.dtype)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.data = backend.xp.ones(m.weight.shape, dtype=m.weight.dtype)
+            if m.bias is not None:
+                m.bias.data = backend.xp.zeros(m.bias.shape, dtype=m.bias.dtype)
+
+
+def init_model_(model, init: str) -> None:
+    """Apply a named initialisation: "gpt2" (GPTModel's own, nothing to do) or "book"."""
+    if init == "book":
+        pytorch_default_init_(model)
+    elif init != "gpt2":
+        raise GPT2Error(f"unknown init {init!r}; choose one of {', '.join(INITS)}")

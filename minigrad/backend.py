@@ -156,10 +156,19 @@ class RandomGenerator:
         return {"seed": self._seed, "draws": self._draws, "pcg64": self._np.bit_generator.state}
 
     def set_state(self, state: dict) -> None:
-        self._seed = int(state["seed"])
-        self._draws = int(state["draws"])
-        self._np = np.random.Generator(np.random.PCG64(self._seed))
-        self._np.bit_generator.state = state["pcg64"]
+        """Back to a state from `get_state`; ValueError (and this generator unchanged) if it is not
+        one, e.g. read from a damaged file."""
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not (isinstance(state, dict) and whole(state.get("seed")) and whole(state.get("draws"))
+                and isinstance(state.get("pcg64"), dict)):
+            raise ValueError("rng_state is not a random generator state (seed, draws, pcg64)")
+        generator = np.random.Generator(np.random.PCG64(state["seed"]))
+        try:
+            generator.bit_generator.state = state["pcg64"]
+        except Exception:   # NumPy checks the bit generator's state; its errors vary by kind
+            raise ValueError("rng_state is not a valid PCG64 state") from None
+        self._seed, self._draws, self._np = state["seed"], state["draws"], generator
 
 
 _rng = RandomGenerator(0)

@@ -64,7 +64,11 @@ class Optimizer:
         return {"step": self.step_count, "groups": groups, "tensors": tensors}
 
     def load_state_dict(self, state: dict) -> None:
+        """Back to a state from `state_dict`. ValueError names what does not fit (the state may
+        come from a damaged file): groups of other sizes, settings out of range, moments of the
+        wrong shape."""
         groups = state["groups"]
+        _check_groups(groups, state["step"])
         if [g["num_params"] for g in groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("optimizer state does not match these parameter groups")
         params = self._all_params()
@@ -80,6 +84,26 @@ class Optimizer:
                       for k, v in saved.items() if k != "num_params"})
         self.state = new_state
         self.step_count = int(state["step"])
+
+
+def _check_groups(groups, step) -> None:
+    """The saved hyper-parameters: a list of groups, each with num_params and settings >= 0
+    (betas: two numbers in [0, 1)), and a step count >= 0."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise ValueError(f"the step count must be an integer >= 0, got {str(step)[:40]}")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        raise ValueError("the parameter groups must be a non-empty list")
+    for g in groups:
+        if not (isinstance(g.get("num_params"), int) and number(g["num_params"])):
+            raise ValueError("each parameter group needs num_params")
+        for k, v in g.items():
+            ok = (isinstance(v, (list, tuple)) and len(v) == 2 and all(number(b) and b < 1 for b in v)
+                  if k == "betas" else number(v) or isinstance(v, bool))
+            if not ok:
+                raise ValueError(f"optimizer setting {k!r} has an invalid value {str(v)[:40]}")
 
 
 class AdamW(Optimizer):
@@ -147,6 +171,17 @@ class SGD(Optimizer):
                     st["momentum"] += grad
                 grad = st["momentum"]
             p.data -= g["lr"] * grad
+
+
+def grad_norm(params) -> float:
+    """The global L2 norm of the gradients (inf or nan if any gradient is not finite), summed on
+    the device with one transfer to the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = backend.xp
+    total = float(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
+    return math.sqrt(total) if total >= 0 else total   # nan stays nan
 
 
 def clip_grad_norm_(params, max_norm: float) -> float:

@@ -18,10 +18,11 @@ from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
 
 import minigrad as mg
 from gpt2 import GPT2Error, GPTConfig, generate
-from gpt2.checkpoint import save_checkpoint, save_run_checkpoint
+from gpt2.checkpoint import save_checkpoint
 from gpt2.cli import main
 from gpt2.data import DataLoader, GPTDataset, create_loaders, read_text, split_text
 from gpt2.pretrained import export_hf, load_pretrained
+from gpt2.run_dir import save_run_checkpoint
 from gpt2.train import TrainConfig, make_optimizer, train
 
 REPO = Path(__file__).resolve().parent.parent

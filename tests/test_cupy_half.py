@@ -22,7 +22,8 @@ import minigrad as mg
 from gpt2.checkpoint import save_checkpoint
 from gpt2.cli import bench, main
 from gpt2.data import create_loaders
-from gpt2.train import calc_loss_batch, make_optimizer
+from gpt2.evaluate import calc_loss_batch
+from gpt2.train import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "Every effort moves you closer to the end of the story, said Jack Gisburn. " * 6

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
 
-import gpt2.train as train_module
+import gpt2.evaluate as evaluate_module
 import minigrad as mg
 from gpt2 import GPT2Error
 from gpt2.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from gpt2.cli import main
 from gpt2.data import create_loaders
 from gpt2.dataset import PreparedDataset, RandomWindows, is_prepared_dataset
+from gpt2.evaluate import calc_loss_batch
 from gpt2.prepare import MANIFEST, prepare
 from gpt2.tokenizer import CharTokenizer
-from gpt2.train import accumulate_gradients, calc_loss_batch, make_optimizer, train
+from gpt2.train import make_optimizer, train
+from gpt2.train_extras import accumulate_gradients
 
 TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
         "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n") * 30
@@ -213,7 +215,7 @@ def test_cli_prepared_dataset_resume_is_exact(char_ds, tmp_path, capsys, monkeyp
     out = capsys.readouterr().out
     assert "char tokenizer, vocabulary" in out and "of 2 accumulated batches" in out
     assert "(matrices only)" in out and "ms/step" in out
-    real, calls = train_module.calc_loss_batch, {"n": 0}
+    real, calls = evaluate_module.calc_loss_batch, {"n": 0}
 
     def ctrl_c_in_step_5(x, y, model):
         if model.training:
@@ -222,7 +224,7 @@ def test_cli_prepared_dataset_resume_is_exact(char_ds, tmp_path, capsys, monkeyp
             calls["n"] += 1
         return real(x, y, model)
 
-    monkeypatch.setattr(train_module, "calc_loss_batch", ctrl_c_in_step_5)
+    monkeypatch.setattr(evaluate_module, "calc_loss_batch", ctrl_c_in_step_5)
     assert main(["train", "--data", str(char_ds), *RUN, "--max-steps", "14", "--out", str(part)]) == 130
     assert "stopped at step 6" in capsys.readouterr().err
     monkeypatch.undo()

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
 
-import gpt2.train as train_module
+import gpt2.evaluate as evaluate_module
+import gpt2.train_extras as extras_module
 import minigrad as mg
 from gpt2 import GPT2Error
 from gpt2.checkpoint import (
@@ -29,12 +30,12 @@ from gpt2.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model,
-    restore_training,
     save_checkpoint,
-    save_run_checkpoint,
 )
 from gpt2.cli import main
 from gpt2.data import create_loaders
+from gpt2.resume import restore_training
+from gpt2.run_dir import save_run_checkpoint
 from gpt2.train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +126,7 @@ def _no_slow_saves(monkeypatch):
 
 def _signal_at_step(monkeypatch, step: int, sig=signal.SIGINT):
     """Deliver `sig` to this process during training step `step` (once), as a user's Ctrl-C would."""
-    real = train_module.calc_loss_batch
+    real = evaluate_module.calc_loss_batch
     calls = {"n": 0}
 
     def wrapped(x, y, model):
@@ -135,7 +136,7 @@ def _signal_at_step(monkeypatch, step: int, sig=signal.SIGINT):
             calls["n"] += 1
         return real(x, y, model)
 
-    monkeypatch.setattr(train_module, "calc_loss_batch", wrapped)
+    monkeypatch.setattr(evaluate_module, "calc_loss_batch", wrapped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, k, backend):
     opt2 = make_optimizer(model2, lr=3e-3)
     state, history = TrainState(), History()
     train(model2, train2, val2, opt2, CFG, tokenizer=ByteTokenizer(), state=state, history=history,
-          stop=lambda: state.step >= k)
+          hooks=[lambda st: st.step >= k])
     assert state.step == k
     run = save_run_checkpoint(tmp_path / "run", model2, opt2, _snapshot(state, train2, history), step=k)
     del model2, opt2, train2, val2, history
@@ -384,7 +385,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, story, capsys, mo
 # ---------------------------------------------------------------------------------------------
 
 def _nan_loss_at(monkeypatch, steps):
-    real = train_module.calc_loss_batch
+    real = evaluate_module.calc_loss_batch
     calls = {"n": 0}
 
     def wrapped(x, y, model):
@@ -395,7 +396,7 @@ def _nan_loss_at(monkeypatch, steps):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_module, "calc_loss_batch", wrapped)
+    monkeypatch.setattr(evaluate_module, "calc_loss_batch", wrapped)
 
 
 def test_nan_loss_stops_naming_the_step_without_applying_it(monkeypatch):
@@ -408,14 +409,14 @@ def test_nan_loss_stops_naming_the_step_without_applying_it(monkeypatch):
         before.update(_weights(model))
 
     with pytest.raises(NonFiniteError, match="loss became nan at step 5.*lower --lr.*--skip-nonfinite") as e:
-        train(model, train_loader, val_loader, make_optimizer(model), CFG, state=state, on_step=remember)
+        train(model, train_loader, val_loader, make_optimizer(model), CFG, state=state, hooks=[remember])
     assert e.value.step == 5 and state.step == 5
     _assert_equal_arrays(before, _weights(model))          # the bad update was not applied
 
 
 def test_nan_gradient_stops_and_skip_nonfinite_goes_on(monkeypatch):
     model, train_loader, val_loader = _setup()
-    real = train_module.clip_grad_norm_
+    real = extras_module.clip_grad_norm_
     calls = {"n": 0}
 
     def clip(params, max_norm):
@@ -423,7 +424,7 @@ def test_nan_gradient_stops_and_skip_nonfinite_goes_on(monkeypatch):
         norm = real(params, max_norm)
         return float("inf") if calls["n"] in (3, 4) else norm
 
-    monkeypatch.setattr(train_module, "clip_grad_norm_", clip)
+    monkeypatch.setattr(extras_module, "clip_grad_norm_", clip)
     with pytest.raises(NonFiniteError, match="gradient norm became inf at step 2"):
         train(model, train_loader, val_loader, make_optimizer(model), CFG)
 

@@ -24,15 +24,11 @@ from gpt2_helpers import ByteTokenizer, tiny_model
 
 import minigrad as mg
 from gpt2 import GPT2Error
-from gpt2.checkpoint import (
-    load_checkpoint,
-    load_model,
-    restore_training,
-    save_checkpoint,
-    save_run_checkpoint,
-)
+from gpt2.checkpoint import load_checkpoint, load_model, save_checkpoint
 from gpt2.data import create_loaders
 from gpt2.pretrained import export_hf, load_pretrained
+from gpt2.resume import restore_training
+from gpt2.run_dir import save_run_checkpoint
 from gpt2.safeio import read_json, read_safetensors, read_safetensors_header
 from gpt2.train import TrainState, make_optimizer, train
 

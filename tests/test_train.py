@@ -12,18 +12,10 @@ from gpt2_helpers import ByteTokenizer, tiny_model
 import minigrad as mg
 from gpt2 import GPT2Error
 from gpt2.data import create_loaders
+from gpt2.evaluate import calc_loss_batch, calc_loss_loader
+from gpt2.model import init_model_, pytorch_default_init_
 from gpt2.plot import plot_losses
-from gpt2.train import (
-    History,
-    TrainConfig,
-    TrainState,
-    calc_loss_batch,
-    calc_loss_loader,
-    init_model_,
-    make_optimizer,
-    pytorch_default_init_,
-    train,
-)
+from gpt2.train import History, TrainConfig, TrainState, make_optimizer, train
 from minigrad.optim import WarmupCosine
 
 # Every test here runs on NumPy and on CuPy (a real GPU, or the strict CPU stand-in).
@@ -101,9 +93,10 @@ def test_warmup_cosine_schedule_and_clipping():
     n = 2 * len(train_loader)
     history = train(model, train_loader, val_loader, opt, _quiet(epochs=2, eval_every=1, warmup_steps=3,
                                                                  grad_clip=0.5))
-    sched = WarmupCosine(max_lr=1e-3, warmup_steps=3, total_steps=n, min_lr=1e-4)
+    sched = WarmupCosine(max_lr=1e-3, warmup_steps=3, total_steps=n - 1, min_lr=1e-4)
     np.testing.assert_allclose(history.lrs, [sched(s) for s in range(n)])
     assert history.lrs[0] < history.lrs[2] and history.lrs[-1] < history.lrs[3]
+    assert history.lrs[-1] == 1e-4                                   # the last step is on the floor
     assert opt.param_groups[0]["initial_lr"] == 1e-3
 
 
@@ -156,7 +149,7 @@ def test_resumed_run_matches_an_uninterrupted_one():
             raise Crash
 
     with pytest.raises(Crash):
-        train(model2, train2, val2, opt2, cfg, state=state, history=history, on_step=crash_after_5)
+        train(model2, train2, val2, opt2, cfg, state=state, history=history, hooks=[crash_after_5])
     # Round-trip what a checkpoint would hold through fresh objects.
     loader_state, opt_state, rng = train2.state_dict(), opt2.state_dict(), mg.get_rng_state()
     _, train3, val3 = _setup(dropout=0.1)

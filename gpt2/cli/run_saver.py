@@ -13,20 +13,18 @@ from pathlib import Path
 import minigrad as mg
 
 from ..checkpoint import (
-    _CKPT_DIR,
     CHECKPOINT_FILES,
     LATEST_FILE,
     MODEL_FILE,
-    _step_of,
     checkpoint_name,
+    checkpoint_step,
     is_run_dir,
     latest_checkpoint,
     list_checkpoints,
-    remove_leftovers,
-    save_run_checkpoint,
     update_trainer_state,
 )
 from ..errors import GPT2Error
+from ..run_dir import remove_leftovers, save_run_checkpoint
 
 BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the numbered ones
 
@@ -59,7 +57,7 @@ def clear_out_dir(out: Path) -> None:
 def run_dir_of(ckpt_dir: Path) -> Path:
     """Where a resumed run saves: the run directory a ckpt-<step> checkpoint belongs to, or a
     single checkpoint directory itself (its new checkpoints go inside it, and `latest` wins)."""
-    return ckpt_dir.parent if _CKPT_DIR.fullmatch(ckpt_dir.name) else ckpt_dir
+    return ckpt_dir.parent if checkpoint_step(ckpt_dir) is not None else ckpt_dir
 
 
 def check_resume_out(out: Path, ckpt_dir: Path, step: int) -> None:
@@ -68,7 +66,7 @@ def check_resume_out(out: Path, ckpt_dir: Path, step: int) -> None:
     if out.resolve() != run_dir_of(ckpt_dir).resolve():
         check_out_dir(out, overwrite=False)    # a new run directory, continuing from ckpt_dir
         return
-    later = [c for c in list_checkpoints(out) if _step_of(c) > step]
+    later = [c for c in list_checkpoints(out) if checkpoint_step(c) > step]
     if later:
         raise GPT2Error(f"{out} has a checkpoint after step {step} ({later[-1].name}); resume from that one "
                         f"(--resume {later[-1]}), or continue step {step} in a new directory (--out NEW)")

@@ -32,11 +32,13 @@ from ..config import GPTConfig
 from ..data import create_loaders, read_text, verdict_path
 from ..dataset import PreparedDataset
 from ..errors import GPT2Error
-from ..model import GPTModel
+from ..model import GPTModel, init_model_
 from ..plot import plot_losses
+from ..resume import restore_training
 from ..tokenizer import get_tokenizer
-from ..train import History, NonFiniteError, TrainConfig, TrainState, init_model_, make_optimizer, total_steps
+from ..train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, total_steps
 from ..train import train as run_training
+from ..train_extras import DEFAULT_MIN_LR_RATIO
 from . import ranks
 from .flags import PROG, use_backend
 from .run_saver import BEST_DIR, RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
@@ -106,7 +108,7 @@ def _train(args, comm, setup: dict) -> int:
     if resume is not None and out.resolve() == run_dir_of(resume.ckpt_dir).resolve():
         saver.saved_step, saver.saved_dir = state.step, resume.ckpt_dir   # that step is saved already
 
-    def on_step(st) -> None:
+    def save_checkpoints(st) -> None:     # after every step: --keep-best, then --save-every
         if args.keep_best:
             saver.keep_best()
         if st.step % args.save_every == 0:
@@ -114,10 +116,10 @@ def _train(args, comm, setup: dict) -> int:
 
     first_step = state.step
     with _graceful_stop() as stop:
+        stop_asked = lambda st: ranks.stop_asked_on_any_rank(comm, stop)   # Ctrl-C/SIGTERM on any rank
         try:
             run_training(model, data.train_loader, data.val_loader, optimizer, cfg, tokenizer=data.tokenizer,
-                         state=state, history=history, on_step=on_step, comm=comm,
-                         stop=lambda: ranks.stop_asked_on_any_rank(comm, stop))
+                         state=state, history=history, comm=comm, hooks=(save_checkpoints, stop_asked))
         except NonFiniteError as exc:
             raise _nonfinite_error(exc, out) from None
         final = saver.save_final()                                                   # 5.
@@ -164,7 +166,7 @@ def _load_data(args, comm, config: GPTConfig) -> _Data:
     context_length), 90/10 split by characters. A prepared dataset: its tokenizer (the model's
     vocabulary follows it), its split, random windows (gpt2/dataset.py)."""
     path = Path(args.data) if args.data is not None else verdict_path()
-    global_batch = args.batch_size * comm.world_size   # rank r trains on its slice (train.rank_slice)
+    global_batch = args.batch_size * comm.world_size   # rank r trains on its slice (train_extras.rank_slice)
     if path.is_dir():
         dataset = PreparedDataset(path)
         tokenizer = dataset.tokenizer
@@ -234,7 +236,7 @@ def _resumed_model(args, comm, data: _Data, resume: _Resume):
             train_loader.batch_size:   # trained on another number of ranks
         ckpt.trainer_state["loader"] = ranks.rebatched_loader_state(saved_loader, train_loader.batch_size,
                                                                     len(train_loader))
-    state, history = ck.restore_training(ckpt, optimizer, train_loader)
+    state, history = restore_training(ckpt, optimizer, train_loader)
     ranks.restore_rank_rng(comm, ckpt.trainer_state, args.seed, state.step)
     if any(c.startswith("--lr ") for c in resume.changes):   # a new (peak) learning rate from here on
         for g in optimizer.param_groups:
@@ -263,7 +265,7 @@ def _print_plan(args, comm, data: _Data, model, optimizer, steps: int, out: Path
     print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
           f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
     print(f"data: {data.path} ({data.about})")
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    min_lr = args.min_lr if args.min_lr is not None else args.lr * DEFAULT_MIN_LR_RATIO
     schedule = ("constant" if args.warmup_steps is None
                 else f"warmup {args.warmup_steps}, cosine to {min_lr:g}")
     print(f"training: {steps} steps"
