@@ -354,6 +354,28 @@ def test_resume_on_two_ranks_is_exact_and_on_one_rank_continues(runs, story):
     assert state["step"] == 3 and state["loader"]["batch_size"] == 2 and state["loader"]["batch_index"] == 5
 
 
+def test_every_rank_draws_its_own_dropout_masks(story, tmp_path):
+    """What the ranks really used: the generators they trained with (gathered into the checkpoint)
+    are distinct streams, so each rank's dropout masks differ; rank 0's is the checkpoint's own."""
+    import minigrad as mg
+    from minigrad import functional as F
+
+    _train(2, tmp_path / "run", story, "--batch-size", "1", "--max-steps", "2", "--dropout", "0.5")
+    state = json.loads((tmp_path / "run" / "ckpt-000002" / "trainer_state.json").read_text())
+    rank_states = state["rank_rng_states"]
+    assert len(rank_states) == 2 and rank_states[0] == state["rng_state"]
+    masks = []
+    saved = mg.get_rng_state()
+    try:
+        for rank_state in rank_states:
+            mg.set_rng_state(rank_state)
+            masks.append(F.dropout(mg.Tensor(np.ones(4096, dtype=np.float32)), 0.5).numpy() > 0)
+    finally:
+        mg.set_rng_state(saved)
+    assert 0.4 < masks[0].mean() < 0.6 and 0.4 < masks[1].mean() < 0.6
+    assert (masks[0] != masks[1]).mean() > 0.4            # independent streams: about half differ
+
+
 def test_flags_that_differ_between_ranks_are_one_error(story, tmp_path):
     base = [sys.executable, "-m", "gpt2", "train", "--data", str(story), *TINY, "--out", str(tmp_path / "o")]
     result = _run([_mpiexec(), "-n", "1", *base, "--lr", "0.001", ":", "-n", "1", *base, "--lr", "0.002"])
