@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,13 @@ def test_train_then_generate(tmp_path, story, capsys):
     stdout = capsys.readouterr().out
     assert "Ep 1 (Step 000000): Train loss" in stdout and "Ep 2 (Step" in stdout
     assert stdout.count("Every effort moves you") == 2                       # a sample per epoch
-    assert "final: train loss" in stdout
+    final = [line for line in stdout.splitlines() if line.startswith("final:")]
+    evals = re.findall(r"Step (\d{6})\): Train loss ([\d.]+), Val loss ([\d.]+)", stdout)
+    steps = int((out / "latest").read_text().strip().split("-")[1])
+    # The final line names the step of the evaluation it reports, not only the steps run.
+    assert len(final) == 1 and final[0].startswith(f"final: {steps} steps,")
+    assert final[0].endswith(f"last evaluation (Step {evals[-1][0]}): train loss {evals[-1][1]}, "
+                             f"val loss {evals[-1][2]}")
     # A run directory: ckpt-<step>/ (one checkpoint directory per save), `latest` naming the newest.
     ckpt = out / (out / "latest").read_text().strip()
     assert sorted(p.name for p in out.iterdir()) == [ckpt.name, "latest", "loss.png"]

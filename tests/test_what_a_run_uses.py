@@ -115,7 +115,8 @@ def test_projections_into_the_residual_stream_start_with_the_scaled_std():
         std = float(np.std(p.numpy()))
         assert std == pytest.approx(want, rel=0.06), name
         seen.add(name.split(".", 2)[-1] if name.startswith("blocks.") else name)
-    assert {"attn.proj.weight", "mlp.proj.weight", "attn.qkv.weight", "mlp.fc.weight", "tok_emb.weight"} <= seen
+    assert {"attn.proj.weight", "mlp.proj.weight", "attn.qkv.weight", "mlp.fc.weight", "tok_emb.weight",
+            "pos_emb.weight"} <= seen
 
 
 def test_evaluation_batches_are_not_the_batch_just_trained_on(char_ds):

@@ -347,7 +347,8 @@ def _report(saver: RunSaver, final: Path, first_step: int, stopped: bool, keep_b
         print(f"saved loss plot to {plot}")
         if keep_best and saver.best_val_loss is not None:
             print(f"best validation loss {saver.best_val_loss:.4f}: {out / BEST_DIR}")
-        print(f"{'so far' if stopped else 'final'}: train loss "
-              f"{history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f} "
-              f"after {state.step} steps, {state.tokens_seen:,} tokens, {history.seconds:.0f} s "
-              f"({state.tokens_seen / max(history.seconds, 1e-9):,.0f} tokens/s)")
+        # The last evaluation need not be after the last step (every --eval-every steps): say which.
+        print(f"{'so far' if stopped else 'final'}: {state.step} steps, {state.tokens_seen:,} tokens, "
+              f"{history.seconds:.0f} s ({state.tokens_seen / max(history.seconds, 1e-9):,.0f} tokens/s); "
+              f"last evaluation (Step {history.steps[-1]:06d}): train loss {history.train_losses[-1]:.3f}, "
+              f"val loss {history.val_losses[-1]:.3f}")

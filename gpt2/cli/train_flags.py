@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accumulate the gradients of N batches per optimizer step (the same update as one "
                    "batch N times larger, in the memory of one)")
     t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                   help="linear warmup over N steps, then cosine decay to --min-lr over the run's steps "
-                   "(default: constant lr)")
+                   help="linear warmup over N steps, then cosine decay reaching --min-lr at the run's last "
+                   "step (default: constant lr)")
     t.add_argument("--min-lr", type=float, default=None, metavar="X",
                    help="learning rate at the end of the cosine decay (default: --lr / 10)")
     t.add_argument("--grad-clip", type=float, default=None, metavar="X",
