@@ -28,7 +28,7 @@ import minigrad as mg
 from gpt2 import GPTModel, course_config, generate
 from gpt2.checkpoint import load_checkpoint, save_checkpoint
 from gpt2.data import create_loaders, load_text
-from gpt2.evaluate import calc_loss_loader
+from gpt2.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
 from gpt2.generate import next_token
 from gpt2.model import pytorch_default_init_
 from gpt2.plot import plot_losses
@@ -154,9 +154,79 @@ assert abs(train_loss0 - math.log(50257)) < 0.5 and abs(val_loss0 - math.log(502
 # %% [markdown]
 # ## 5. Training
 #
-# `gpt2.train.train` is the book's `train_model_simple`: for each batch, zero the gradients,
-# compute the loss, backpropagate, take an AdamW step; every 5 steps print the mean loss over
-# 5 batches of each loader; after each epoch continue "Every effort moves you" greedily.
+# The book's `train_model_simple`, written out: for each batch, zero the gradients, compute the
+# loss, backpropagate, take an AdamW step; every `eval_freq` steps print the mean loss over
+# `eval_iter` batches of each loader; after each epoch continue a prompt greedily. (`max_steps`
+# is ours, to try it for a few steps.)
+
+# %%
+def train_model_simple(model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
+                       start_context, tokenizer, max_steps=None):
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.size
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+            if max_steps is not None and global_step + 1 == max_steps:
+                return train_losses, val_losses, track_tokens_seen
+        print(generate_text(model, tokenizer, start_context))
+    return train_losses, val_losses, track_tokens_seen
+
+
+def generate_text(model, tokenizer, start_context, max_new_tokens=50):
+    model.eval()
+    ids = np.asarray(tokenizer.encode(start_context), dtype=np.int64)[None, :]
+    text = tokenizer.decode(generate(model, ids, max_new_tokens)[0]).replace("\n", " ")
+    model.train()
+    return text
+
+
+# %% [markdown]
+# `gpt2.train.train` is this loop, with the extras a longer run needs named in it and off by
+# default (gradient accumulation, a learning-rate schedule, clipping, a NaN guard, data
+# parallelism, a progress bar; gpt2/train_extras.py). From the same weights, the same batches and
+# the same dropout masks, three steps of each give the same losses, bit for bit:
+
+# %%
+def copy_of(model):
+    twin = GPTModel(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def fresh_loaders():
+    return create_loaders(text, batch_size=BATCH, max_length=config.context_length, seed=123,
+                          tokenizer=tokenizer)
+
+
+mg.manual_seed(7)
+book_model = copy_of(model)
+by_hand = train_model_simple(book_model, *fresh_loaders(), make_optimizer(book_model), num_epochs=1,
+                             eval_freq=1, eval_iter=2, start_context=start_context, tokenizer=tokenizer,
+                             max_steps=3)
+mg.manual_seed(7)
+lib_model = copy_of(model)
+lib = train(lib_model, *fresh_loaders(), make_optimizer(lib_model),
+            TrainConfig(epochs=1, max_steps=3, eval_every=1, eval_iter=2, sample_prompt=None, progress=False))
+assert by_hand[0] == lib.train_losses and by_hand[1] == lib.val_losses and by_hand[2] == lib.tokens_seen
+print("the library's loop: the same", len(lib.train_losses), "train and validation losses")
+del book_model, lib_model
+
+# %% [markdown]
+# The course run: 10 epochs, evaluation every 5 steps on 5 batches, a sample after each epoch.
 # AdamW's weight decay of 0.1 applies to every parameter, as in the book.
 
 # %%
