@@ -71,10 +71,6 @@ class Checkpoint:
 # Writing
 # ---------------------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj) -> None:
-    safeio.write_json(path, obj)   # temporary file, fsync, rename, fsync the folder
-
-
 def _write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     # Host copies, C-contiguous (safetensors stores raw row-major bytes).
     arrays = {name: np.ascontiguousarray(backend.to_numpy(a)) for name, a in tensors.items()}
@@ -124,12 +120,12 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, state=None, tokenizer
         raise GPT2Error(f"checkpoint path {path} exists and is not a directory; choose another path")
     _check_finite(model, optimizer)
     path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / CONFIG_FILE, model.config.to_dict())
+    safeio.write_json(path / CONFIG_FILE, model.config.to_dict())
     if tokenizer is not None:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                             f"{model.config.vocab_size}; save the model with its own tokenizer")
-        _write_json(path / TOKENIZER_FILE, tokenizer.to_dict())
+        safeio.write_json(path / TOKENIZER_FILE, tokenizer.to_dict())
     _pause_for_tests()
     _write_safetensors(path / MODEL_FILE, model.state_dict(), metadata={"format": "minigrad-gpt2"})
     if optimizer is None and state is None:
@@ -150,7 +146,7 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, state=None, tokenizer
     trainer_state["rng_state"] = mg.get_rng_state()
     _pause_for_tests()
     # Written last: a directory with trainer_state.json has all the other files of this save.
-    _write_json(path / STATE_FILE, trainer_state)
+    safeio.write_json(path / STATE_FILE, trainer_state)
     return path
 
 
@@ -392,6 +388,6 @@ def update_trainer_state(path, updates: dict) -> None:
     history after the end-of-training sample, without saving the unchanged weights again."""
     path = resolve_checkpoint(path)
     state = _read_trainer_state(path / STATE_FILE)
-    _write_json(path / STATE_FILE, {**state, **updates})
+    safeio.write_json(path / STATE_FILE, {**state, **updates})
 
 

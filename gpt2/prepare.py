@@ -149,8 +149,8 @@ def _encode_chunk(text: str) -> tuple[np.ndarray, int, int]:
     return _encode(_worker_tokenizer, text)
 
 
-def _char_vocabulary(files, progress) -> tuple[str, list[str]]:
-    """First pass for `char`: the sorted set of characters of every file, and their SHA-256s."""
+def _char_vocabulary(files, progress) -> tuple[set[str], list[str]]:
+    """First pass for `char`: the set of characters of every file, and their SHA-256s."""
     chars, digests = set(), []
     bar = _bar(progress, sum(f.stat().st_size for f in files), "vocabulary")
     for f in files:
@@ -160,7 +160,7 @@ def _char_vocabulary(files, progress) -> tuple[str, list[str]]:
         digests.append(h.hexdigest())
     if bar is not None:
         bar.close()
-    return "".join(sorted(chars)), digests
+    return chars, digests
 
 
 def _bar(enabled: bool, total: int, desc: str):
@@ -208,7 +208,7 @@ def prepare(sources, out, tokenizer: str = "gpt2", val_fraction: float = 0.1, wo
         chars, digests = _char_vocabulary(files, progress)
         if not chars:
             raise GPT2Error("the input files are empty; give some text to prepare")
-        tok = CharTokenizer(chars)
+        tok = CharTokenizer.from_text(chars)
     else:
         tok = get_tokenizer()
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32

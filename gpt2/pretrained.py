@@ -7,8 +7,9 @@
 
 A name is downloaded once from https://huggingface.co/openai-community/<name> into the cache
 directory, `~/.cache/minigrad-gpt2/<name>/` (set GPT2_CACHE, or pass `cache_dir`, to use another).
-Each file is written to `<file>.part`, flushed to disk, and only then renamed to its real name,
-so an interrupted download never leaves a file that looks complete. Without network access the
+Each file is written to a hidden temporary file beside it, flushed to disk, and only then renamed
+to its real name (gpt2/safeio.py), so an interrupted download never leaves a file that looks
+complete. Without network access the
 error says which two files to fetch and where to put them; GPT2_OFFLINE=1 skips the attempt.
 
 Weights are read with safetensors (never pickle). The name and layout mapping is `gpt2/hf.py`.
@@ -16,7 +17,6 @@ Weights are read with safetensors (never pickle). The name and layout mapping is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import urllib.error
@@ -28,10 +28,9 @@ import numpy as np
 from minigrad import backend as mg_backend
 from minigrad import nn
 
-from . import hf
+from . import hf, safeio
 from .errors import GPT2Error
 from .model import GPTModel, build_uninitialised
-from .safeio import fsync_dir
 
 # name -> approximate size of model.safetensors (for the messages)
 PRETRAINED = {"gpt2": "548 MB", "gpt2-medium": "1.5 GB", "gpt2-large": "3.3 GB", "gpt2-xl": "6.4 GB"}
@@ -104,46 +103,34 @@ def ensure_downloaded(name: str, cache_dir=None, progress: bool = True) -> Path:
 
 
 def download_file(url: str, dest: Path, progress: bool = True, hint: str = "") -> None:
-    """Fetch `url` into `dest` atomically: write `dest.part`, fsync, then rename."""
+    """Fetch `url` into `dest` atomically (safeio.atomic_write: a hidden temporary file beside
+    it, fsynced, then renamed): an interrupted download leaves nothing under the real name."""
     from tqdm import tqdm  # noqa: PLC0415 - only needed when downloading
 
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    try:
+
+    def fetch(tmp) -> None:
         with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             got = 0
-            with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                             desc=f"downloading {dest.name}", disable=not progress) as bar:
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                            desc=f"downloading {dest.name}", disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
         if total is not None and got != total:
             raise GPT2Error(f"download of {url} stopped after {got:,} of {total:,} bytes; run again to retry")
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
-    except GPT2Error:
-        _remove(part)
-        raise
+
+    try:
+        safeio.atomic_write(dest, fetch)
     except (urllib.error.URLError, OSError, ValueError) as exc:  # no network, HTTP errors, disk full
-        _remove(part)
         reason = getattr(exc, "reason", None) or exc
         raise GPT2Error(f"could not download {url} ({reason}). " + _one_line(hint)) from None
-    except BaseException:  # Ctrl-C: never leave a partial file behind under any name but .part
-        _remove(part)
-        raise
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 def resolve(name_or_dir, cache_dir=None, progress: bool = True) -> Path:
@@ -308,23 +295,9 @@ def export_hf(model: GPTModel, directory, dtype=None) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         hf_config = hf.config_to_hf(config, float(model.ln_f.eps), np.dtype(out_dtype).name)
-        _write_atomic(directory / "config.json",
-                      lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"))
-        _write_atomic(directory / "model.safetensors",
-                      lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        safeio.write_text(directory / "config.json", json.dumps(hf_config, indent=2) + "\n")
+        safeio.atomic_write(directory / "model.safetensors",
+                            lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     except OSError as exc:
         raise GPT2Error(f"cannot write {directory}: {exc}") from None
     return directory
-
-
-def _write_atomic(dest: Path, write) -> None:
-    part = dest.with_name(dest.name + ".part")
-    try:
-        write(part)
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part, dest)
-    except BaseException:
-        _remove(part)
-        raise
-    fsync_dir(dest.parent)

@@ -104,8 +104,9 @@ class CharTokenizer:
         self._itos = np.array(list(chars), dtype=object)
 
     @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        """The vocabulary of `text`: its distinct characters, sorted by code point."""
+    def from_text(cls, text) -> CharTokenizer:
+        """The vocabulary of `text` (a string, or any collection of characters): its distinct
+        characters, sorted by code point."""
         return cls("".join(sorted(set(text))))
 
     @property
