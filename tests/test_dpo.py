@@ -8,7 +8,7 @@ import pytest
 from gpt2_helpers import ByteTokenizer, tiny_model
 
 import minigrad as mg
-from gpt2.finetune import PreferenceDataset, dpo_loss, response_logprobs
+from gpt2.finetune import PreferenceDataset, dpo_batch_loss, dpo_loss, response_logprobs
 from minigrad import Tensor, gradcheck, no_grad, optim
 
 RNG = np.random.default_rng(5)
@@ -85,3 +85,22 @@ def test_a_few_dpo_steps_raise_the_reward_margin(backend):
     assert all(a < b for a, b in zip(margins, margins[1:]))
     assert all(p.grad is None for p in reference.parameters())
     assert mg.get_backend() == backend
+
+
+def test_dpo_batch_loss_is_the_four_passes(backend):
+    tok = ByteTokenizer()
+    entries = [{"instruction": "Say hi", "input": "", "chosen": "Hello!", "rejected": "Go away."}]
+    chosen, rejected = PreferenceDataset(entries, tok, pad_id=0).batch(np.arange(1))
+    policy = tiny_model(seed=1, vocab_size=256, context_length=256)
+    reference = tiny_model(seed=2, vocab_size=256, context_length=256)
+    out = dpo_batch_loss(policy, reference, chosen, rejected, beta=0.2)
+    pc = response_logprobs(policy(chosen.ids), chosen.ids, chosen.mask)
+    pr = response_logprobs(policy(rejected.ids), rejected.ids, rejected.mask)
+    rc = response_logprobs(reference(chosen.ids), chosen.ids, chosen.mask)
+    rr = response_logprobs(reference(rejected.ids), rejected.ids, rejected.mask)
+    manual = dpo_loss(pc, pr, rc.detach(), rr.detach(), beta=0.2)
+    assert out.loss.item() == pytest.approx(manual.loss.item(), rel=1e-6)
+    assert out.reward_margin == pytest.approx(manual.reward_margin, rel=1e-6, abs=1e-7)
+    out.loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert all(p.grad is not None for p in policy.parameters())

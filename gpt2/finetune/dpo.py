@@ -16,7 +16,7 @@ grows; beta sets how far pi may move from pi_ref for a given gain (the book uses
     with no_grad():
         rc = response_logprobs(reference(chosen.ids), chosen.ids, chosen.mask)
         rr = response_logprobs(reference(rejected.ids), rejected.ids, rejected.mask)
-    out = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1)     # or: dpo_batch_loss(policy, reference, *batch)
     out.loss.backward(); log(out.reward_margin)
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from minigrad import backend
 from minigrad.logprob import logsigmoid, sequence_logprobs
-from minigrad.tensor import Tensor
+from minigrad.tensor import Tensor, no_grad
 
 
 class DPOLoss(NamedTuple):
@@ -83,3 +83,15 @@ def _constant(x, like: Tensor) -> Tensor:
     """A reference value as a constant Tensor of `like`'s dtype (any graph behind it is cut)."""
     data = x.data if isinstance(x, Tensor) else backend.asarray(x)
     return Tensor(data, dtype=like.dtype)
+
+
+def dpo_batch_loss(policy, reference, chosen, rejected, beta: float = 0.1,
+                   average: bool = True) -> DPOLoss:
+    """The DPO loss of one (chosen, rejected) batch from `preference_loader`: four forward
+    passes, the reference's without a graph (keep the reference in eval mode and frozen)."""
+    pc = response_logprobs(policy(chosen.ids), chosen.ids, chosen.mask, average)
+    pr = response_logprobs(policy(rejected.ids), rejected.ids, rejected.mask, average)
+    with no_grad():
+        rc = response_logprobs(reference(chosen.ids), chosen.ids, chosen.mask, average)
+        rr = response_logprobs(reference(rejected.ids), rejected.ids, rejected.mask, average)
+    return dpo_loss(pc, pr, rc, rr, beta)
