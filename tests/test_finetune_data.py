@@ -266,3 +266,15 @@ def test_collate_preferences_pads_both_to_one_width_and_truncates():
     chosen, _ = collate_preferences([[1, 2]], [[1, 2, 9, 9, 7]], [[1]], mask_prompt=False, max_length=3)
     np.testing.assert_array_equal(chosen.ids, [[1, 2, 9]])
     assert chosen.mask.all()
+
+
+def test_unreadable_data_files_give_one_line_errors(tmp_path):
+    with pytest.raises(GPT2Error, match="cannot read the SMS Spam Collection"):
+        read_sms_collection(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"instruction": "x"}', encoding="utf-8")
+    with pytest.raises(GPT2Error, match="not a JSON list of entries"):
+        load_instruction_data(path=bad)
+    bad.write_text("[", encoding="utf-8")
+    with pytest.raises(GPT2Error, match="cannot read .* as JSON"):
+        load_preference_data(path=bad)

@@ -200,6 +200,15 @@ def test_low_rank_update_gradcheck(backend, x_shape):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
     assert out.shape == x_shape[:-1] + (4,)
     assert gradcheck(lambda x, A, B: low_rank_update(x, A, B, 1.5), x, A, B)
+    # the same gradients as autograd derives through two matmuls (the composed twin)
+    twins = [Tensor(v.numpy(), requires_grad=True, dtype=np.float64) for v in (x, A, B)]
+    for v in (x, A, B):
+        v.grad = None
+    R = RNG.standard_normal(out.shape)
+    low_rank_update(x, A, B, 1.5).backward(R)
+    ((twins[0] @ twins[1]) @ twins[2] * 1.5).backward(R)
+    for v, w in zip((x, A, B), twins):
+        np.testing.assert_allclose(mg.to_numpy(v.grad), mg.to_numpy(w.grad), rtol=1e-12, atol=1e-14)
 
 
 def test_low_rank_update_skips_frozen_inputs(backend):

@@ -20,7 +20,6 @@ messages in the same order, without pandas.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +41,11 @@ def read_sms_collection(path) -> list[tuple[int, str]]:
     lines give 5,572 messages, as in the book: one message opens a quote that closes two lines
     later, so those three lines are read as one (ham) message.
     """
-    raw = open(path, encoding="utf-8", newline="").read()
-    rows = list(csv.reader(io.StringIO(raw), delimiter="\t"))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GPT2Error(f"cannot read the SMS Spam Collection from {path}: {exc}") from None
     messages = []
     for i, row in enumerate(rows):
         if len(row) != 2 or row[0] not in LABELS:
