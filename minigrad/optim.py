@@ -20,8 +20,9 @@ class Optimizer:
     (the usual way to exclude biases and LayerNorm weights from weight decay).
 
     Frozen parameters (requires_grad=False) are left out of every group: the optimizer keeps
-    no state for them and never updates them. A group may carry "lr_scale" (default 1):
-    `set_lr(lr)`, which a schedule calls every step, gives that group lr * lr_scale, so
+    no state for them and never updates them (so freeze first, then build the optimizer).
+    A group may carry "lr_scale" (default 1): `set_lr(lr)`, which a schedule calls every step,
+    gives that group lr * lr_scale (a group's own "lr" would be overwritten by it), so
     fine-tuning can train a new head faster than the pretrained body under one schedule.
     """
 
