@@ -18,8 +18,10 @@ training examples at once: input ids[i : i+T], target ids[i+1 : i+T+1].
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,9 @@ class NamedText:
     title: str
     filename: str   # kept as <data dir>/<filename>
     url: str
-    sha256: str
+    sha256: str     # of the file itself (for a zip download: of the member, once extracted)
+    zip_member: str | None = None  # the URL is a zip archive holding the file under this name
+    instead: str = "train on your own UTF-8 text with --data FILE"  # the alternative offered
 
 
 # `python -m gpt2 prepare verdict` / `prepare shakespeare`, and train's default text.
@@ -122,14 +126,19 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
     if name not in NAMED_TEXTS:
         raise GPT2Error(f"unknown dataset name {name!r}; choose one of {', '.join(NAMED_TEXTS)} "
                         "or give a path")
-    named = NAMED_TEXTS[name]
+    return fetch_named(NAMED_TEXTS[name], data_dir, download, url)
+
+
+def fetch_named(named: NamedText, data_dir=None, download: bool = True, url: str | None = None) -> Path:
+    """Path to the file `named` describes, fetched once: see `named_text_path` for where it is
+    looked for. Fine-tuning's data sets (gpt2/finetune) come through here too."""
     url = url or named.url
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     path = data_dir / named.filename
     if path.is_file():
         if _sha256(path.read_bytes()) != named.sha256:
             raise GPT2Error(f"{path} does not match {named.title}'s SHA-256 ({named.sha256[:12]}...); "
-                            "delete it to download it again, or train on your own text with --data FILE")
+                            f"delete it to download it again, or {named.instead}")
         return path
     mirror = _mirror_dir()
     copy = mirror / named.filename if mirror else None
@@ -147,16 +156,30 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
     except Exception as exc:  # URLError, timeouts, HTTP errors
         reason = getattr(exc, "reason", exc)
         raise GPT2Error(_absent_message(named, path, f"could not download it: {reason}")) from None
+    if named.zip_member is not None:
+        data = _zip_member(data, named, url)
     if _sha256(data) != named.sha256:
         raise GPT2Error(f"the download from {url} does not match {named.title}'s SHA-256 "
-                        f"{named.sha256[:12]}...; train on your own text with --data FILE instead")
+                        f"{named.sha256[:12]}...; {named.instead} instead")
     _write_atomic(path, data)
     return path
 
 
+def _zip_member(data: bytes, named: NamedText, url: str) -> bytes:
+    """The file `named.zip_member` from the zip archive `data` (downloaded from `url`)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return archive.read(named.zip_member)
+    except (zipfile.BadZipFile, KeyError):
+        raise GPT2Error(f"the download from {url} is not a zip archive holding {named.zip_member}; "
+                        f"{named.instead} instead") from None
+
+
 def _absent_message(named: NamedText, path: Path, why: str) -> str:
-    return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and save it as "
-            f"{path}, or train on your own UTF-8 text with --data FILE")
+    save = (f"extract {named.zip_member} from it and save that as {path}" if named.zip_member
+            else f"save it as {path}")
+    return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and {save}, "
+            f"or {named.instead}")
 
 
 def load_text(path=None) -> str:

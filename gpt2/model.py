@@ -175,8 +175,9 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:, :]                           # (B, 1, C): layer norm is per position
         x = self.ln_f(x)
-        weight = self.tok_emb.weight if self.head is None else self.head.weight
-        return F.linear(x, weight)                     # (B, T, V)
+        if self.head is not None:  # called as a module, so a replaced head (a classifier with a
+            return self.head(x)    # bias, a LoRALinear) runs its own forward: (B, T, V)
+        return F.linear(x, self.tok_emb.weight)        # tied: logits = x W_tok^T, (B, T, V)
 
 
 def build_uninitialised(config: GPTConfig, dtype=None) -> GPTModel:

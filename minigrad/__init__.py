@@ -6,7 +6,7 @@
     y.backward()          # x.grad == [[2., 4.]]
 """
 
-from . import backend, composed, functional, nn, optim, parallel
+from . import backend, composed, functional, logprob, lora, nn, optim, parallel
 from .backend import (
     BackendError,
     get_backend,
@@ -25,7 +25,7 @@ F = functional
 
 __all__ = [
     "BackendError", "F", "GradcheckError", "Tensor", "backend", "composed", "concat", "functional",
-    "get_backend", "get_default_dtype", "get_rng_state", "gradcheck", "is_grad_enabled", "manual_seed",
-    "nn", "no_grad", "optim", "parallel", "set_backend", "set_default_dtype", "set_rng_state", "split",
-    "stack", "tensor", "to_numpy", "unbind", "unbroadcast", "where",
+    "get_backend", "get_default_dtype", "get_rng_state", "gradcheck", "is_grad_enabled", "logprob",
+    "lora", "manual_seed", "nn", "no_grad", "optim", "parallel", "set_backend", "set_default_dtype",
+    "set_rng_state", "split", "stack", "tensor", "to_numpy", "unbind", "unbroadcast", "where",
 ]

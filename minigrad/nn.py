@@ -56,8 +56,31 @@ class Module:
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.trainable_parameters() if trainable_only else self.parameters()
+        return sum(p.size for p in params)
+
+    # -- freezing (fine-tuning trains a few parameters and keeps the rest fixed) -------------------
+    def named_trainable_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """The parameters with requires_grad=True, as `named_parameters`."""
+        return ((n, p) for n, p in self.named_parameters(prefix) if p.requires_grad)
+
+    def trainable_parameters(self) -> list[Parameter]:
+        """What to hand the optimizer after freezing: `AdamW(model.trainable_parameters())`."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        """Freeze (False) or unfreeze (True) every parameter of this module and its submodules.
+
+        The book's recipe for classification, in this API:
+            model.requires_grad_(False)                  # freeze everything ...
+            model.blocks[-1].requires_grad_(True)        # ... then unfreeze the last block,
+            model.ln_f.requires_grad_(True)              # the final norm (and the new head)
+        Frozen parameters get no .grad, so backward spends no time or memory on them.
+        """
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
 
     def modules(self) -> Iterator[Module]:
         yield self
@@ -218,10 +241,20 @@ class Tanh(Module):
         return x.tanh()
 
 
+def freeze(module: Module) -> Module:
+    """`module.requires_grad_(False)`: a frozen module still runs forward and passes gradients
+    through to its inputs; it only stops learning."""
+    return module.requires_grad_(False)
+
+
+def unfreeze(module: Module) -> Module:
+    return module.requires_grad_(True)
+
+
 def _uniform(shape, bound):
     u = backend.rng().random(shape)
     return (u * (2 * bound) - bound).astype(backend.default_dtype, copy=False)
 
 
 __all__ = ["Parameter", "Module", "ModuleList", "Sequential", "Linear", "Embedding", "LayerNorm",
-           "Dropout", "GELU", "ReLU", "Tanh"]
+           "Dropout", "GELU", "ReLU", "Tanh", "freeze", "unfreeze"]

@@ -18,6 +18,12 @@ class Optimizer:
     `params` is either a list of parameters, or a list of dicts like
     `{"params": [...], "weight_decay": 0.0}` whose keys override the optimizer's defaults
     (the usual way to exclude biases and LayerNorm weights from weight decay).
+
+    Frozen parameters (requires_grad=False) are left out of every group: the optimizer keeps
+    no state for them and never updates them (so freeze first, then build the optimizer).
+    A group may carry "lr_scale" (default 1): `set_lr(lr)`, which a schedule calls every step,
+    gives that group lr * lr_scale (a group's own "lr" would be overwritten by it), so
+    fine-tuning can train a new head faster than the pretrained body under one schedule.
     """
 
     def __init__(self, params, defaults: dict):
@@ -28,8 +34,13 @@ class Optimizer:
             params = [{"params": params}]
         self.param_groups = []
         for group in params:
-            g = {**defaults, **group, "params": list(group["params"])}
+            trainable = [p for p in group["params"] if p.requires_grad]
+            g = {**defaults, **group, "params": trainable}
+            if "lr_scale" in group and "lr" not in group:
+                g["lr"] = defaults["lr"] * group["lr_scale"]
             self.param_groups.append(g)
+        if not self._all_params():
+            raise ValueError("optimizer got no trainable parameters (all have requires_grad=False)")
         self.state: list[dict] = [dict() for _ in self._all_params()]
         self.step_count = 0
 
@@ -49,8 +60,9 @@ class Optimizer:
             p.grad = None
 
     def set_lr(self, lr: float) -> None:
+        """Every group's learning rate becomes lr, times the group's "lr_scale" if it has one."""
         for g in self.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -465,6 +465,22 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        """Freeze (False) or unfreeze (True) this tensor in place; returns it.
+
+        A frozen tensor is a constant to autograd: `_accumulate` stores no gradient for it, an op
+        whose inputs are all frozen builds no graph node (`_make` sees no parent that needs one),
+        and the fused ops skip computing its gradient (they check `requires_grad` before each
+        term). Only leaves can be frozen: an op's output needs a gradient iff a parent does.
+        """
+        if self._parents:
+            raise RuntimeError("requires_grad_() on a tensor computed by an op; freeze the leaves "
+                               "it came from instead (or use .detach())")
+        self.requires_grad = bool(requires_grad)
+        if not requires_grad:
+            self.grad = None
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # Functions on several tensors
