@@ -287,7 +287,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             if keep is not None:
                 dP.array *= keep
                 dP.array *= drop_scale
-            dS = dP.softmax_backward_(scores, scale)              # dS s, in place in dP
+            dS = dP.softmax_backward_(scores, scale)              # dS * s, in dP's buffer
             if q.requires_grad:
                 q._accumulate(dS @ k.data)
             if k.requires_grad:
