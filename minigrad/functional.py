@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from . import backend, kernels
-from .tensor import Tensor, _lift, is_grad_enabled
+from .tensor import Tensor, is_grad_enabled
 
 # ---------------------------------------------------------------------------------------------
 # linear: y = x W^T + b
@@ -309,7 +309,7 @@ def tanh(x: Tensor) -> Tensor:
 
 
 def mse_loss(pred: Tensor, target) -> Tensor:
-    d = pred - _lift(target, pred)
+    d = pred - target
     return (d * d).mean()
 
 

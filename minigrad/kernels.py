@@ -489,13 +489,13 @@ class _CupyKernels:
 
     def __init__(self, cp):
         self.cp = cp
-        self._gelu_fwd = cp.ElementwiseKernel(
+        self.gelu_forward = cp.ElementwiseKernel(
             "T x", "T y",
             f"""
             T u = (T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x);
             y = (T)0.5 * x * ((T)1 + tanh(u));
             """, "minigrad_gelu_fwd")
-        self._gelu_bwd = cp.ElementwiseKernel(
+        self.gelu_backward = cp.ElementwiseKernel(
             "T x, T g", "T dx",
             f"""
             T t = tanh((T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x));
@@ -527,12 +527,6 @@ class _CupyKernels:
             v = b2 * v + ((T)1 - b2) * (g * g);
             w = w - step_size * (m / (sqrt(v) / bc2_sqrt + eps));
             """, "minigrad_adamw")
-
-    def gelu_forward(self, x):
-        return self._gelu_fwd(x)
-
-    def gelu_backward(self, x, g):
-        return self._gelu_bwd(x, g)
 
     def softmax(self, z, axis, out):
         m = z.max(axis=axis, keepdims=True)
