@@ -266,8 +266,8 @@ class AttentionScores:
     the math reads; `.buf` the storage, whose rows of scores run along `.axis`.
 
     Why a layout: softmax and its backward reduce every query's row of Tk scores. Stored as
-    (..., Tq, Tk), that is one short reduction per row, and NumPy pays a fixed cost per row
-    (about as much as the arithmetic when Tk = 64). So when there are many rows, the scores are
+    (..., Tq, Tk), that is one short reduction per row, and NumPy pays a fixed cost per row,
+    as much as the arithmetic for short rows. So when there are many rows, the scores are
     stored *keys first*, buf (Tk, ..., Tq): S[..., i, j] lives at buf[j, ..., i], a query's
     scores run down axis 0, and each reduction is Tk whole-array vector operations over long
     contiguous rows. b a^T, contiguous (..., Tk, Tq), is computed as usual and copied into that
@@ -288,12 +288,12 @@ class AttentionScores:
             keys_first = scores_keys_first(math.prod(batch) * Tq, Tk)
         self.keys_first = keys_first
         if keys_first:
-            bT = xp.moveaxis(b @ xp.swapaxes(a, -1, -2), -2, 0)  # (Tk, ..., Tq) view of b a^T
+            baT = xp.moveaxis(b @ xp.swapaxes(a, -1, -2), -2, 0)  # (Tk, ..., Tq) view of b a^T
             self.buf = xp.empty((Tk, *batch, Tq), dtype=a.dtype)  # buf[j, ..., i] = S[..., i, j]
             if scale is None:
-                xp.copyto(self.buf, bT)
+                xp.copyto(self.buf, baT)
             else:
-                xp.multiply(bT, scale, out=self.buf)                 # scaled, copied keys first
+                xp.multiply(baT, scale, out=self.buf)                # scaled, copied keys first
             self.array, self.axis = xp.moveaxis(self.buf, 0, -1), 0
         else:
             self.buf = self.array = a @ xp.swapaxes(b, -1, -2)      # (..., Tq, Tk)
