@@ -160,8 +160,8 @@ def sum_rows_by_id(ids, rows, n):
     `np.add.at(zeros, ids, rows)`, which sums a repeated id's rows instead of keeping the last.
 
     NumPy: `add.at` updates row by row, slowly; sorting the ids (stably) and summing each run of
-    equal ids with one `reduceat` gives the same sums in a few vector operations. CuPy's `add.at`
-    is a single scatter-add kernel already.
+    equal ids with one `reduceat` gives the same sums (up to rounding: `reduceat` may add in
+    another order) in a few vector operations. CuPy's `add.at` is one scatter-add kernel already.
     """
     xp = backend.xp
     out = xp.zeros((n, rows.shape[1]), dtype=rows.dtype)
