@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from minigrad import functional as F
     from minigrad import kernels, optim
 
+    mg.backend.tune_malloc()  # as `python -m gpt2 bench` runs: freed memory kept for reuse
     torch.set_num_threads(args.threads)
     B, T, C, H, V, R = args.batch, args.ctx, args.emb, args.heads, args.vocab, args.repeats
     N, D = B * T, C // H

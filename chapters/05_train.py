@@ -37,6 +37,7 @@ from gpt2.train import TrainConfig, TrainState, make_optimizer, train
 from minigrad import functional as F
 
 QUICK = os.environ.get("GPT2_CHAPTER_QUICK", "") not in ("", "0")
+mg.backend.tune_malloc()   # as `python -m gpt2` does: freed memory reused step after step
 OUT = Path(os.environ.get("GPT2_CHAPTER_OUT", "runs/chapter05"))   # git-ignored
 
 if QUICK:   # a tiny model and a few steps: the same code path in seconds

@@ -38,6 +38,7 @@ from gpt2.train_extras import accumulate_gradients
 from minigrad.optim import WarmupCosine
 
 QUICK = os.environ.get("GPT2_CHAPTER_QUICK", "") not in ("", "0")
+mg.backend.tune_malloc()   # as `python -m gpt2` does: freed memory reused step after step
 OUT = Path(os.environ.get("GPT2_CHAPTER_OUT", "runs/chapter07"))   # git-ignored
 print(f"mode: {'quick' if QUICK else 'full nanoGPT run'}, backend {mg.get_backend()}, output in {OUT}/")
 

@@ -220,16 +220,19 @@ def set_rng_state(state: dict) -> None:
 # Memory reuse on the CPU
 # ---------------------------------------------------------------------------------------------
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+def tune_malloc() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
 
-    A training step allocates a few GB of fresh arrays (activations, gradients, temporaries)
-    and frees them again. By default glibc serves every block over 32 MB with its own `mmap` and
-    unmaps it on free, so each step the kernel must map and zero every one of those pages again:
-    ~0.1 ms per MB, a few hundred ms per GPT-2 124M step. With a high mmap threshold the blocks
-    come from the heap and are reused step after step (the process keeps its peak RSS). Linux
-    with glibc only; elsewhere, or with MINIGRAD_KEEP_FREED_MEMORY=0, nothing changes. Returns
-    whether the setting was applied.
+    Why: a training step allocates a few GB of fresh arrays (activations, gradients,
+    temporaries) and frees them again. By default glibc serves every block over 32 MB with its
+    own `mmap` and unmaps it on free, so every step the kernel maps and zeroes all those pages
+    again. With a high mmap threshold the blocks come from the heap and are reused step after
+    step; the price is that the process keeps its peak memory.
+
+    It changes the whole process's allocator, so importing minigrad does not do it: a program
+    that trains calls it once at start-up (`python -m gpt2` does). Linux with glibc only;
+    elsewhere, or with MINIGRAD_KEEP_FREED_MEMORY=0, nothing changes. Returns whether the
+    setting was applied.
     """
     if os.environ.get("MINIGRAD_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
@@ -244,9 +247,6 @@ def keep_freed_memory() -> bool:
         return bool(ok)
     except (OSError, AttributeError):  # not glibc (musl, macOS): keep the defaults
         return False
-
-
-keep_freed_memory()
 
 
 # Environment override: MINIGRAD_BACKEND=cupy python chapters/05_train.py

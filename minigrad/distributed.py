@@ -344,7 +344,7 @@ class NCCLCommunicator(Communicator):
         self.cp = cp
         # `cupy.cuda.nccl` is a submodule that `import cupy` does not load by itself.
         self.nccl = getattr(cp.cuda, "nccl", None) or importlib.import_module(cp.__name__ + ".cuda.nccl")
-        if not getattr(self.nccl, "available", True):
+        if not self.nccl.available:
             raise DistributedError("NCCL is not available to CuPy; install it with pip install "
                                    '"nvidia-nccl-cu12" (or -cu13), or train with --backend numpy')
         select_device(self)

@@ -5,6 +5,11 @@ against), but builds many nodes and keeps every intermediate array alive for bac
 computes its forward in one go, saves only what its backward needs (often less than the
 composed graph would), and applies the derivative in closed form.
 
+Each op here is its definition: the formula, the derivation of its backward, and the plainest
+array code. Where the fast way to compute a step is not the plain one (in-place and chunked
+NumPy, a memory layout, a fused GPU kernel), the step is a call into `kernels` by name, and the
+trick is explained there.
+
 Shapes use B = batch, T = time (sequence), C = channels, V = vocabulary, H = heads, D = head size.
 """
 
@@ -12,43 +17,27 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import backend, kernels
-from .tensor import Tensor, _lift, is_grad_enabled
-
-
-def _xp():
-    return backend.xp
-
+from .tensor import Tensor, is_grad_enabled
 
 # ---------------------------------------------------------------------------------------------
 # linear: y = x W^T + b
 # ---------------------------------------------------------------------------------------------
 
-# Up to this many rows, linear computes (W x^T)^T instead of x W^T. For a few rows (generation,
-# where the rows are the tokens of one sequence) OpenBLAS is faster with the wide weight matrix
-# as the left operand: 10-25% at GPT-2 124M's shapes and 10-110 rows (2-core Xeon).
-SKINNY_ROWS = 128
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out).
 
-    Backward, with g = dL/dy of shape (..., out) and the leading axes flattened to N rows:
+    Backward, with g = dL/dy of shape (..., out) and the leading axes flattened to N rows.
+    y_nj = sum_i x_ni W_ji + b_j, so dy_nj/dx_ni = W_ji, dy_nj/dW_ji = x_ni, dy_nj/db_j = 1:
       dL/dx = g W                  (..., in)
       dL/dW = g^T x                (out, in)   one GEMM over all N rows
       dL/db = sum of g over rows   (out,)
     """
     parents = (x, weight) if bias is None else (x, weight, bias)
-    # The leading axes are flattened into rows first: (B, T, in) @ (in, out) as one (B*T, in)
-    # GEMM. Left 3-D, NumPy's matmul would call BLAS once per batch element with a (T, in)
-    # matrix, about twice as slow for small T.
+    # The leading axes flattened into N rows: one (N, in) GEMM for the whole batch (left 3-D,
+    # NumPy's matmul would call BLAS once per batch element, with a short (T, in) matrix).
     x2 = x.data.reshape(-1, x.shape[-1])                           # (N, in)
-    if x2.shape[0] <= SKINNY_ROWS:
-        y = _xp().ascontiguousarray((weight.data @ x2.T).T)        # (N, out), see SKINNY_ROWS
-    else:
-        y = x2 @ weight.data.T                                     # (N, out)
+    y = kernels.matmul_transposed(x2, weight.data)                 # x W^T, (N, out)
     if bias is not None:
         y += bias.data
     out = Tensor._make(y.reshape(x.shape[:-1] + (weight.shape[0],)), parents)
@@ -73,25 +62,15 @@ def embedding(ids, weight: Tensor) -> Tensor:
     """Rows of `weight` (V, C) picked by integer `ids` (any shape) -> ids.shape + (C,).
 
     Backward: each looked-up row receives the gradient of every position that used it, so the
-    same token appearing twice gets the sum (a scatter-add, not an assignment).
+    same token appearing twice gets the sum (a scatter-add, not an assignment):
+      dL/dW[v] = sum over positions p with ids[p] = v of g[p]   (np.add.at(dW, ids, g))
     """
     ids = _int_ids(ids)
     out = Tensor._make(weight.data[ids], (weight,))
     if out.requires_grad:
         def backward(g):
-            xp = _xp()
-            grad = xp.zeros_like(weight.data)
-            flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, weight.shape[1])
-            if xp is np:
-                # np.add.at is slow for row updates; summing rows that share an id first
-                # (unique + a sorted reduceat) gives the same result in a few vector ops.
-                order = np.argsort(flat_ids, kind="stable")
-                sorted_ids = flat_ids[order]
-                starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-                grad[sorted_ids[starts]] = np.add.reduceat(flat_g[order], starts, axis=0)
-            else:
-                xp.add.at(grad, flat_ids, flat_g)
-            weight._accumulate(grad)
+            V, C = weight.shape
+            weight._accumulate(kernels.sum_rows_by_id(ids.reshape(-1), g.reshape(-1, C), V))
         out._backward = backward
     return out
 
@@ -100,16 +79,13 @@ def embedding(ids, weight: Tensor) -> Tensor:
 # GELU (GPT-2's tanh approximation)
 # ---------------------------------------------------------------------------------------------
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
 def gelu(x: Tensor) -> Tensor:
     """GELU(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
 
     Backward (product rule, then chain rule through tanh):
       dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,
       du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
-    Saved: tanh(u) on the CPU (recomputing it would cost a third of the backward pass); x is
+    Saved: tanh(u) on the CPU (the costliest part of the backward, so not recomputed); x is
     alive anyway. The arithmetic lives in `kernels` (in-place NumPy over cache-sized chunks, or
     one fused CuPy kernel, which recomputes tanh(u) at no cost).
     """
@@ -148,10 +124,11 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     shifted = xd - xd.max(axis=axis, keepdims=True)
     # (x - m) - log sum e^(x - m), not x - (m + log ...): m + log(...) would round away the
     # small log term when |x| is large in float32 (1e4 + 1.1 has a spacing of ~1e-3)
-    y = shifted - _xp().log(_xp().exp(shifted).sum(axis=axis, keepdims=True))
+    xp = backend.xp
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
     out = Tensor._make(y, (x,))
     if out.requires_grad:
-        out._backward = lambda g: x._accumulate(g - _xp().exp(y) * g.sum(axis=axis, keepdims=True))
+        out._backward = lambda g: x._accumulate(g - backend.xp.exp(y) * g.sum(axis=axis, keepdims=True))
     return out
 
 
@@ -164,7 +141,9 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """Normalise over the last axis, then scale and shift: y = xhat * w + b,
     xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)  (biased variance, as GPT-2).
 
-    Backward (as llm.c's layernorm_backward). With dxhat = g * w and means over the C channels:
+    Backward (as llm.c's layernorm_backward), per row of C channels, with dxhat = g * w. Since
+    d mean/dx_j = 1/C and d rstd/dx_j = -rstd^3 (x_j - mean) / C = -rstd^2 xhat_j / C,
+      dxhat_i/dx_j = rstd (delta_ij - 1/C) - xhat_i rstd xhat_j / C,  so summing over i:
       dL/dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     The two subtracted terms come from mean and rstd depending on every x_j: the first removes
     the part of dxhat that only shifts all inputs, the second the part that only scales them.
@@ -227,7 +206,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     the number of counted targets; ignored rows get zero. The probabilities are saved from the
     forward pass and turned into the gradient in place (backward runs once per graph).
     """
-    xp = _xp()
+    xp = backend.xp
     V = logits.shape[-1]
     z = logits.data.reshape(-1, V)
     t = _int_ids(targets).reshape(-1)
@@ -260,34 +239,8 @@ def causal_mask(Tq: int, Tk: int):
     Query i sits at absolute position (Tk - Tq) + i (with a KV cache, the queries are the last
     Tq of Tk positions), and may attend to keys at positions <= its own.
     """
-    xp = _xp()
+    xp = backend.xp
     return xp.arange(Tk)[None, :] > (xp.arange(Tq)[:, None] + (Tk - Tq))
-
-
-_BIAS_CACHE: dict = {}
-_BIAS_CACHE_MAX = 1 << 22  # elements: a larger bias is built broadcastable instead of whole
-
-
-def _causal_bias_keys_first(Tq: int, Tk: int, n: int, dtype):
-    """0 / -inf of shape (Tk, n, Tq) for scores stored keys first, (Tk, n sequences x heads, Tq):
-    -inf where query i may not see key j. Adding it is one contiguous pass; broadcasting a
-    (Tk, 1, Tq) mask instead would run n * Tk short loops. Kept for the last shape asked
-    (every layer of a forward pass asks for the same one)."""
-    xp = _xp()
-    key = (Tq, Tk, n, np.dtype(dtype).str, backend.get_backend())
-    if key not in _BIAS_CACHE:
-        bias = xp.where(causal_mask(Tq, Tk).T[:, None, :], -xp.inf, 0.0).astype(dtype)  # (Tk, 1, Tq)
-        if Tk * n * Tq <= _BIAS_CACHE_MAX:
-            bias = xp.ascontiguousarray(xp.broadcast_to(bias, (Tk, n, Tq)))
-        _BIAS_CACHE.clear()
-        _BIAS_CACHE[key] = bias
-    return _BIAS_CACHE[key]
-
-
-def _scores_keys_first(rows: int, Tk: int) -> bool:
-    """Store attention scores keys first when there are many rows (queries x batch x heads) for
-    their length Tk; see `scaled_dot_product_attention`."""
-    return rows >= 2 * Tk
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
@@ -305,75 +258,36 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     Masked positions have P = 0, so they get dS = 0 with no special case.
     Saved: P (and the dropout mask); q, k, v are alive anyway.
 
-    How the scores are laid out in memory. Softmax and its backward reduce every query's row of
-    Tk scores. Stored as (..., Tq, Tk), that is one short reduction per row, and NumPy pays a
-    fixed cost per row (about as much as the arithmetic when Tk = 64). So when there are many
-    rows, the scores are stored *keys first*, (Tk, ..., Tq): S[..., i, j] lives at [j, ..., i],
-    a query's scores run down axis 0, and each reduction is Tk whole-array vector operations
-    over long contiguous rows. k q^T is computed as usual and copied into that layout in the
-    pass that scales it; the matmuls after it read the buffer through transposed views (BLAS
-    takes transposed operands as they are), and the elementwise passes run on the buffer
-    itself. With few rows (generation with a KV cache: one query per sequence) the scores are
-    stored (..., Tq, Tk). At nanoGPT's Shakespeare size, (12, 4, 64, 64) scores, forward and
-    backward went from 1.9 to 1.6 ms (2-core Xeon).
-
-    The output is stored with the query axis before the last batch axis, (B, Tq, H, D) for
-    (B, H, Tq, D): putting the heads side by side again, (B, Tq, H * D), is then free.
+    The (..., Tq, Tk) matrices S, P and dP are `kernels.AttentionScores`, stored keys first when
+    there are many rows (NumPy's softmax is then whole-array passes instead of one short
+    reduction per row); the output is stored so that putting the heads side by side again is
+    free (`kernels.attention_output`).
     """
-    xp = _xp()
-    *batch, Tq, D = q.shape
-    Tk = k.shape[-2]
-    scale = q.dtype.type(1.0 / math.sqrt(D))
-    keys_first = _scores_keys_first(math.prod(batch) * Tq, Tk)
-    if keys_first:
-        ST = k.data @ xp.swapaxes(q.data, -1, -2)                # (..., Tk, Tq), contiguous
-        buf = xp.empty((Tk, *batch, Tq), dtype=q.dtype)          # buf[j, ..., i] = S[..., i, j]
-        xp.multiply(xp.moveaxis(ST, -2, 0), scale, out=buf)     # scaled, copied keys first
-        S, axis = xp.moveaxis(buf, 0, -1), 0
-        if causal:
-            # -inf added where masked: one pass over the buffer with a same-shape operand
-            flat = buf.reshape(Tk, -1, Tq)
-            flat += _causal_bias_keys_first(Tq, Tk, flat.shape[1], q.dtype)
-    else:
-        buf = q.data @ xp.swapaxes(k.data, -1, -2)               # (..., Tq, Tk)
-        buf *= scale
-        S, axis = buf, -1
-        if causal and Tq > 1:  # (one query, the newest, sees every key: nothing to mask)
-            # in place; copyto with `where` broadcasts the (Tq, Tk) mask over the batch axes
-            xp.copyto(S, -xp.inf, where=causal_mask(Tq, Tk))
-    kernels.softmax(buf, axis, out=buf)                       # the scores' buffer now holds P
-    P = S                                                     # (..., Tq, Tk) view of it
+    if dropout_p >= 1.0:
+        raise ValueError(f"attention dropout must be in [0, 1), got {dropout_p}")
+    xp = backend.xp
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = kernels.AttentionScores(q.data, k.data, scale)     # S = q k^T s   (..., Tq, Tk)
+    if causal:
+        scores.mask_causal_(causal_mask)                          # S = -inf where j is after i
+    P = scores.softmax_()                                         # in place: the scores become P
     if dropout_p > 0.0:
-        if not 0.0 < dropout_p < 1.0:
-            raise ValueError(f"attention dropout must be in [0, 1), got {dropout_p}")
-        keep = backend.rng().random(S.shape) >= dropout_p     # drawn in (..., Tq, Tk) order
+        keep = backend.rng().random(P.shape) >= dropout_p         # drawn in (..., Tq, Tk) order
         drop_scale = q.dtype.type(1.0 / (1.0 - dropout_p))
         Pd = xp.multiply(P, keep)
         Pd *= drop_scale
     else:
         keep, Pd = None, P
-    o = xp.empty((*batch[:-1], Tq, batch[-1], D) if batch else (Tq, D), dtype=q.dtype)
-    o = xp.moveaxis(o, -3, -2) if batch else o                # (..., Tq, D) view
-    xp.matmul(Pd, v.data, out=o)
-    out = Tensor._make(o, (q, k, v))
+    out = Tensor._make(kernels.attention_output(Pd, v.data), (q, k, v))   # O = Pd v
     if out.requires_grad:
         def backward(G):
             if v.requires_grad:
                 v._accumulate(xp.swapaxes(Pd, -1, -2) @ G)
-            if keys_first:
-                dPT = v.data @ xp.swapaxes(G, -1, -2)            # dPd^T = v G^T, (..., Tk, Tq)
-                dbuf = xp.empty_like(buf)
-                xp.copyto(dbuf, xp.moveaxis(dPT, -2, 0))         # keys first, like buf
-                dS = xp.moveaxis(dbuf, 0, -1)
-            else:
-                dbuf = dS = G @ xp.swapaxes(v.data, -1, -2)     # dPd = G v^T
+            dP = kernels.AttentionScores(G, v.data, keys_first=scores.keys_first)   # dPd = G v^T
             if keep is not None:
-                dS *= keep
-                dS *= drop_scale
-            dP_times_P = xp.multiply(dbuf, buf)
-            dbuf -= dP_times_P.sum(axis=axis, keepdims=True)
-            dbuf *= buf
-            dbuf *= scale
+                dP.array *= keep
+                dP.array *= drop_scale
+            dS = dP.softmax_backward_(scores, scale)              # dS * s, in dP's buffer
             if q.requires_grad:
                 q._accumulate(dS @ k.data)
             if k.requires_grad:
@@ -395,7 +309,7 @@ def tanh(x: Tensor) -> Tensor:
 
 
 def mse_loss(pred: Tensor, target) -> Tensor:
-    d = pred - _lift(target, pred)
+    d = pred - target
     return (d * d).mean()
 
 

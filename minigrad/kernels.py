@@ -1,18 +1,27 @@
-"""Hot loops of training, each twice: a readable NumPy version and a fused CuPy kernel for the GPU.
+"""The speed tricks: the fast way to compute what `functional`'s fused ops (and `optim`'s AdamW)
+define, each NumPy version beside its CuPy twin.
 
-The fused ops in `functional` and the AdamW update in `optim` spend their time in a handful of
-elementwise formulas (GELU and its derivative, layer norm's normalise-scale-shift, softmax's
-exponentials, cross-entropy's gradient, AdamW's moment updates). Written as whole-array NumPy
-expressions, each `a * b + c` allocates a temporary the size of the array and walks memory once
-per operator. So:
+`functional` is where an op is *defined*: its formula, its hand-derived backward, and the plainest
+array code for both. Whatever a function does only to be fast lives here instead, under a name
+that says what it computes, so that the definition can be read without it. That is:
 
-* On the CPU (NumPy) each formula is written as a short sequence of *in-place* operations
-  (`out=`, `*=`): no temporaries beyond one or two scratch buffers, and no fresh memory for the
-  operating system to page in. AdamW and GELU additionally walk their arrays in cache-sized chunks.
-  These NumPy versions are the reference ("twin") that the tests compare the GPU kernels against.
-* On the GPU (CuPy) each formula is one `ElementwiseKernel`: a single pass over memory instead of
-  one launch and one round trip through GPU memory per operator. Kernels are compiled lazily, the
-  first time they are used, so importing minigrad never needs CuPy.
+* in-place sequences of NumPy operations (`out=`, `*=`) in place of whole-array expressions: each
+  `a * b + c` would allocate a temporary the size of the array and walk memory once per operator;
+* walking long arrays in cache-sized chunks (GELU, AdamW), and over the CPU's cores (`parallel`);
+* memory layouts: attention's scores stored keys first (`AttentionScores`), its output stored so
+  that putting the heads side by side is free, x W^T computed as (W x^T)^T for a few rows;
+* a faster NumPy spelling of one call (a sorted `reduceat` for `np.add.at` over rows, a row max
+  through a transposed copy);
+* the fused CuPy kernels: on the GPU each formula is one `ElementwiseKernel`, a single pass over
+  memory instead of one launch and one round trip through GPU memory per operator. They are
+  compiled on first use, so importing minigrad never needs CuPy, and the tests check each against
+  its NumPy twin.
+
+What does not belong here: the math itself, and anything that changes it. A trick keeps the
+operations of the formula (chunking and in-place sequences keep even their order, so those are
+bit-identical to the whole-array version; a different BLAS call or summation order may differ in
+the last bit, which the tests bound). How much each trick gains, and on what, is measured in
+benchmarks/README.md, not here.
 
 Every function takes and returns arrays of the current backend, and keeps the input dtype
 (float32 for training, float64 for gradient checks). Python-float constants keep float32 arrays
@@ -70,11 +79,9 @@ def gelu_forward_saving(x):
 
     NumPy: in place, over chunks of ELEMENTWISE_CHUNK elements. Each formula is a sequence of ~10
     whole-array operations; on a whole (B, T, 4C) array every one of them streams megabytes through
-    memory, while on a chunk the buffers stay in the core's L2 cache after the first touch. At
-    GPT-2 124M's MLP size, (2, 256, 3072), forward went from 3.3 to 2.5 ms and backward (with the
-    saved tanh) from 7.4 to 3.2 ms (best of 60, 2-core Xeon). The same operations in the same
-    order, so the result is bit-identical to the whole-array version. (`x ** 3` would be ~100x
-    slower than `x * x * x` in float32: NumPy's power ufunc has no fast path for the exponent 3.)
+    memory, while on a chunk the buffers stay in the core's L2 cache after the first touch. The
+    same operations in the same order, so the result is bit-identical to the whole-array version.
+    (`x * x`, never `x ** 3`: NumPy's float32 power ufunc has no fast path for the exponent 3.)
     """
     if _on_gpu():
         return _cupy_kernels().gelu_forward(x), None
@@ -130,6 +137,45 @@ def gelu_backward(x, g, tanh_u=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# linear's matmul and embedding's gradient
+# ---------------------------------------------------------------------------------------------
+
+SKINNY_ROWS = 128  # up to this many rows, x W^T is computed as (W x^T)^T
+
+
+def matmul_transposed(x, w):
+    """x @ w^T for x (N, in) and w (out, in) -> (N, out), C-contiguous.
+
+    For a few rows (generation, where the rows are the tokens of one sequence) BLAS is faster
+    with the wide weight matrix as the left operand, so up to SKINNY_ROWS rows this computes
+    (w x^T)^T and copies it back into row order.
+    """
+    if x.shape[0] <= SKINNY_ROWS:
+        return backend.xp.ascontiguousarray((w @ x.T).T)
+    return x @ w.T
+
+
+def sum_rows_by_id(ids, rows, n):
+    """(n, C) array whose row i is the sum of the `rows` (N, C) whose id in `ids` (N,) is i:
+    `np.add.at(zeros, ids, rows)`, which sums a repeated id's rows instead of keeping the last.
+
+    NumPy: `add.at` updates row by row, slowly; sorting the ids (stably) and summing each run of
+    equal ids with one `reduceat` gives the same sums (up to rounding: `reduceat` may add in
+    another order) in a few vector operations. CuPy's `add.at` is one scatter-add kernel already.
+    """
+    xp = backend.xp
+    out = xp.zeros((n, rows.shape[1]), dtype=rows.dtype)
+    if _on_gpu():
+        xp.add.at(out, ids, rows)
+        return out
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    out[sorted_ids[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # softmax (attention) and cross-entropy (the loss over the vocabulary)
 # ---------------------------------------------------------------------------------------------
 
@@ -156,10 +202,10 @@ SHORT_ROW = 64  # rows up to this length take their max through a transposed cop
 def _row_max(z):
     """z.max(axis=-1, keepdims=True), faster for short rows (attention scores at context <= 64).
 
-    NumPy reduces each short row separately, at a fixed cost per row: for (B, H, 64, 64) scores
-    that is ~2x the time of copying the scores transposed and taking the maxima over the other
-    axis, which runs as whole-row elementwise `maximum` passes. A maximum does not depend on the
-    order it is taken in, so both give the same numbers, bit for bit.
+    NumPy reduces each short row separately, at a fixed cost per row: for short rows that costs
+    more than copying the scores transposed and taking the maxima over the other axis, which runs
+    as whole-row elementwise `maximum` passes. A maximum does not depend on the order it is taken
+    in, so both give the same numbers, bit for bit.
     """
     if z.ndim < 2 or z.shape[-1] > SHORT_ROW:
         return z.max(axis=-1, keepdims=True)
@@ -198,6 +244,120 @@ def cross_entropy_grad_(probs, t_safe, row_scale):
     probs[xp.arange(probs.shape[0]), t_safe] -= 1.0
     probs *= row_scale[:, None]
     return probs
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: where the (..., Tq, Tk) score matrices live, and where the output goes
+# ---------------------------------------------------------------------------------------------
+
+def scores_keys_first(rows: int, Tk: int) -> bool:
+    """Store attention's scores keys first when there are many rows (queries x batch x heads)
+    for their length Tk (see `AttentionScores`)."""
+    return rows >= 2 * Tk
+
+
+_BIAS_CACHE: dict = {}
+_BIAS_CACHE_MAX = 1 << 22  # elements: a larger bias is built broadcastable instead of whole
+
+
+class AttentionScores:
+    """Attention's score matrices a b^T (times `scale`), for a (..., Tq, D) and b (..., Tk, D),
+    stored in the memory layout that suits their shape. `.array` is the (..., Tq, Tk) view that
+    the math reads; `.buf` the storage, whose rows of scores run along `.axis`.
+
+    Why a layout: softmax and its backward reduce every query's row of Tk scores. Stored as
+    (..., Tq, Tk), that is one short reduction per row, and NumPy pays a fixed cost per row,
+    as much as the arithmetic for short rows. So when there are many rows, the scores are
+    stored *keys first*, buf (Tk, ..., Tq): S[..., i, j] lives at buf[j, ..., i], a query's
+    scores run down axis 0, and each reduction is Tk whole-array vector operations over long
+    contiguous rows. b a^T, contiguous (..., Tk, Tq), is computed as usual and copied into that
+    layout in the pass that scales it; the matmuls after it read `.array` through transposed
+    views (BLAS takes transposed operands as they are), and the elementwise passes run on the
+    buffer itself. With few rows (generation with a KV cache: one query per sequence) the scores
+    are stored (..., Tq, Tk), and `.buf` is `.array`.
+
+    `keys_first` chooses the layout (default: by shape, `scores_keys_first`); a gradient uses
+    its forward's, so that the two buffers line up element for element.
+    """
+
+    def __init__(self, a, b, scale=None, keys_first=None):
+        xp = backend.xp
+        *batch, Tq, _ = a.shape
+        Tk = b.shape[-2]
+        if keys_first is None:
+            keys_first = scores_keys_first(math.prod(batch) * Tq, Tk)
+        self.keys_first = keys_first
+        if keys_first:
+            baT = xp.moveaxis(b @ xp.swapaxes(a, -1, -2), -2, 0)  # (Tk, ..., Tq) view of b a^T
+            self.buf = xp.empty((Tk, *batch, Tq), dtype=a.dtype)  # buf[j, ..., i] = S[..., i, j]
+            if scale is None:
+                xp.copyto(self.buf, baT)
+            else:
+                xp.multiply(baT, scale, out=self.buf)                # scaled, copied keys first
+            self.array, self.axis = xp.moveaxis(self.buf, 0, -1), 0
+        else:
+            self.buf = self.array = a @ xp.swapaxes(b, -1, -2)      # (..., Tq, Tk)
+            if scale is not None:
+                self.buf *= scale
+            self.axis = -1
+
+    def mask_causal_(self, causal_mask) -> None:
+        """In place: -inf where `causal_mask(Tq, Tk)` (`functional.causal_mask`, passed in so the
+        mask has one definition) is True. Keys first, a cached 0/-inf bias is added: one pass
+        over the buffer with a same-shape operand, where broadcasting a (Tk, 1, Tq) mask would run
+        n * Tk short loops. Queries first, `copyto` writes -inf through the broadcast mask."""
+        xp = backend.xp
+        Tq, Tk = self.array.shape[-2:]
+        if self.keys_first:
+            flat = self.buf.reshape(Tk, -1, Tq)
+            flat += _causal_bias_keys_first(causal_mask, Tq, Tk, flat.shape[1], self.buf.dtype)
+        elif Tq > 1:  # (one query, the newest, sees every key: nothing to mask)
+            xp.copyto(self.array, -xp.inf, where=causal_mask(Tq, Tk))
+
+    def softmax_(self):
+        """In place: the scores become softmax over each query's row; returns `.array`."""
+        softmax(self.buf, self.axis, out=self.buf)
+        return self.array
+
+    def softmax_backward_(self, P, scale):
+        """In place, for these scores holding dP = dL/dP: dS = P (dP - rowsum(dP P)) * scale, with
+        P the forward's `AttentionScores` after `softmax_` (in the same layout); returns `.array`."""
+        xp = backend.xp
+        dP_times_P = xp.multiply(self.buf, P.buf)
+        self.buf -= dP_times_P.sum(axis=self.axis, keepdims=True)
+        self.buf *= P.buf
+        self.buf *= scale
+        return self.array
+
+
+def _causal_bias_keys_first(causal_mask, Tq: int, Tk: int, n: int, dtype):
+    """0 / -inf of shape (Tk, n, Tq) for scores stored keys first, (Tk, n sequences x heads, Tq):
+    -inf where query i may not see key j. Kept for the last shape asked (every layer of a forward
+    pass asks for the same one); above _BIAS_CACHE_MAX elements it stays (Tk, 1, Tq)."""
+    xp = backend.xp
+    key = (Tq, Tk, n, np.dtype(dtype).str, backend.get_backend())
+    if key not in _BIAS_CACHE:
+        bias = xp.where(causal_mask(Tq, Tk).T[:, None, :], -xp.inf, 0.0).astype(dtype)  # (Tk, 1, Tq)
+        if Tk * n * Tq <= _BIAS_CACHE_MAX:
+            bias = xp.ascontiguousarray(xp.broadcast_to(bias, (Tk, n, Tq)))
+        _BIAS_CACHE.clear()
+        _BIAS_CACHE[key] = bias
+    return _BIAS_CACHE[key]
+
+
+def attention_output(P, v):
+    """P @ v for P (..., Tq, Tk) and v (..., Tk, D) -> (..., Tq, D), stored with the query axis
+    before the last batch axis: (B, Tq, H, D) for (B, H, Tq, D), so that putting the heads side by
+    side again, (B, Tq, H * D), is a view, not a copy."""
+    xp = backend.xp
+    *batch, Tq, _ = P.shape
+    D = v.shape[-1]
+    if not batch:
+        return xp.matmul(P, v, out=xp.empty((Tq, D), dtype=P.dtype))
+    o = xp.empty((*batch[:-1], Tq, batch[-1], D), dtype=P.dtype)
+    o = xp.moveaxis(o, -3, -2)                                   # (..., Tq, D) view
+    xp.matmul(P, v, out=o)
+    return o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,13 +489,13 @@ class _CupyKernels:
 
     def __init__(self, cp):
         self.cp = cp
-        self._gelu_fwd = cp.ElementwiseKernel(
+        self.gelu_forward = cp.ElementwiseKernel(
             "T x", "T y",
             f"""
             T u = (T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x);
             y = (T)0.5 * x * ((T)1 + tanh(u));
             """, "minigrad_gelu_fwd")
-        self._gelu_bwd = cp.ElementwiseKernel(
+        self.gelu_backward = cp.ElementwiseKernel(
             "T x, T g", "T dx",
             f"""
             T t = tanh((T){GELU_C!r} * x * ((T)1 + (T){GELU_A!r} * x * x));
@@ -367,12 +527,6 @@ class _CupyKernels:
             v = b2 * v + ((T)1 - b2) * (g * g);
             w = w - step_size * (m / (sqrt(v) / bc2_sqrt + eps));
             """, "minigrad_adamw")
-
-    def gelu_forward(self, x):
-        return self._gelu_fwd(x)
-
-    def gelu_backward(self, x, g):
-        return self._gelu_bwd(x, g)
 
     def softmax(self, z, axis, out):
         m = z.max(axis=axis, keepdims=True)

@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, SGD), gradient clipping and the learning-rate schedule.
+"""Optimizers (AdamW, SGD), the gradient norm and its clipping, and the learning-rate schedule.
 
 Optimizers update parameters *in place* and keep their state as plain arrays plus a step count,
 so `state_dict()` / `load_state_dict()` restore a run exactly.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import backend, kernels
 
@@ -185,28 +187,32 @@ class SGD(Optimizer):
             p.data -= g["lr"] * grad
 
 
-def grad_norm(params) -> float:
-    """The global L2 norm of the gradients (inf or nan if any gradient is not finite), summed on
-    the device with one transfer to the host."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
+def sum_of_squares(arrays) -> float:
+    """sum over all `arrays` of a . a, as a Python float, with one transfer to the host: each
+    array's dot product stays on the device until all of them are copied over together, then
+    they are added one after the other in float64."""
     xp = backend.xp
-    total = float(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
-    return math.sqrt(total) if total >= 0 else total   # nan stays nan
+    arrays = list(arrays)
+    if not arrays:
+        return 0.0
+    per_array = xp.stack([xp.vdot(a.ravel(), a.ravel()) for a in arrays])
+    return sum(backend.to_numpy(per_array).astype(np.float64).tolist())
+
+
+def grad_norm(params) -> float:
+    """The global L2 norm of the gradients, sqrt(sum over parameters of |grad|^2), as one vector:
+    nan or inf if a gradient is not finite (the training loop checks). Parameters without a
+    gradient are skipped; none at all gives 0."""
+    return math.sqrt(sum_of_squares(p.grad for p in params if p.grad is not None))
 
 
 def clip_grad_norm_(params, max_norm: float) -> float:
     """Scale all gradients together so their global L2 norm is at most `max_norm`.
 
-    Returns the norm before clipping (inf or nan if a gradient is not finite, which the training
-    loop checks).
+    Returns the norm before clipping (`grad_norm`).
     """
-    xp = backend.xp
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    total = math.sqrt(sum(float(xp.vdot(p.grad.ravel(), p.grad.ravel())) for p in params))
+    total = grad_norm(params)
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in params:  # not in place: one gradient array may be shared by two tensors

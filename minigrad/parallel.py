@@ -10,10 +10,10 @@ Splitting changes nothing about the numbers: every element goes through the same
 in the same order whichever piece it lands in, so the results are bit-identical to one thread's.
 
 It only pays for long runs of work. Each NumPy call hands the GIL back and forth between the
-threads, which costs microseconds; on a 2-core Xeon VM, AdamW over a 768 x 3072 weight went from
-6.5 to 4.2 ms with two threads, while GELU over a (12, 64, 512) activation (a few hundred
-microseconds of work) got no faster. So callers give a minimum piece size, and `pieces`
-returns a single piece below it. A pool thread never splits again (no nested waiting).
+threads, which costs microseconds: a weight matrix's AdamW update gains, while an activation's
+GELU of a few hundred microseconds does not (benchmarks/README.md). So callers give a minimum
+piece size, and `pieces` returns a single piece below it. A pool thread never splits again (no
+nested waiting).
 
 The thread count is, in order: `set_num_threads(n)`, the environment variable
 MINIGRAD_NUM_THREADS, OMP_NUM_THREADS or OPENBLAS_NUM_THREADS (so a launcher that pins BLAS to

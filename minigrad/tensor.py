@@ -109,22 +109,11 @@ class Tensor:
             g = g.astype(self.data.dtype)
         self.grad = g if self.grad is None else self.grad + g
 
-    # -- basic properties --------------------------------------------------------------------
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    @property
-    def ndim(self):
-        return self.data.ndim
-
-    @property
-    def size(self):
-        return self.data.size
+    # -- basic properties: the array's ------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
 
     def __len__(self):
         return len(self.data)
@@ -368,8 +357,13 @@ class Tensor:
         return out
 
     def mean(self, axis=None, keepdims=False):
-        n = self.size if axis is None else int(np.prod([self.shape[a] for a in _norm_axes(axis, self.ndim)]))
-        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / n)
+        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / self._count(axis))
+
+    def _count(self, axis) -> int:
+        """How many elements a reduction over `axis` (None: all of them) combines into one."""
+        if axis is None:
+            return self.size
+        return int(np.prod([self.shape[a] for a in _norm_axes(axis, self.ndim)]))
 
     def max(self, axis=None, keepdims=False):
         xp = backend.xp
@@ -392,8 +386,7 @@ class Tensor:
         """Variance, biased by default (correction=0) as layer norm uses it."""
         mu = self.mean(axis=axis, keepdims=True)
         d = self - mu
-        n = self.size if axis is None else int(np.prod([self.shape[a] for a in _norm_axes(axis, self.ndim)]))
-        return (d * d).sum(axis=axis, keepdims=keepdims) * (1.0 / (n - correction))
+        return (d * d).sum(axis=axis, keepdims=keepdims) * (1.0 / (self._count(axis) - correction))
 
     # -- shape ----------------------------------------------------------------------------------
     def reshape(self, *shape):
@@ -437,8 +430,6 @@ class Tensor:
                 full = xp.zeros_like(self.data)
                 if _is_basic_index(index):
                     full[index] += g
-                elif xp is np:
-                    np.add.at(full, index, g)
                 else:
                     xp.add.at(full, index, g)
                 self._accumulate(full)

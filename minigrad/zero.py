@@ -29,7 +29,7 @@ import math
 
 from . import backend, kernels
 from .distributed import Communicator, flatten_into, grads_or_zeros, unflatten_from
-from .optim import AdamW
+from .optim import AdamW, sum_of_squares
 
 
 class ZeroAdamW(AdamW):
@@ -109,13 +109,12 @@ class ZeroAdamW(AdamW):
         self._reduced = True
 
     def grad_norm(self) -> float:
-        """Collective: the L2 norm of the whole averaged gradient (nan/inf if any item is)."""
+        """Collective: the L2 norm of the whole averaged gradient (nan/inf if any item is), as
+        `optim.grad_norm`: each rank's sum of squares over its shard, summed over the ranks."""
         if not self._reduced:
             self.reduce_gradients()
-        xp = backend.xp
-        local = float(xp.vdot(self.grad_shard, self.grad_shard))     # padding is zero
-        total = float(self.comm.all_reduce_scalars([local])[0])
-        return math.sqrt(total) if total >= 0 else total
+        local = sum_of_squares([self.grad_shard])                # the padding is zero
+        return math.sqrt(float(self.comm.all_reduce_scalars([local])[0]))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Collective: scale the gradient so its global norm is at most `max_norm` (as

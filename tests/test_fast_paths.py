@@ -96,6 +96,29 @@ def test_gelu_under_no_grad_keeps_nothing_for_backward():
     np.testing.assert_array_equal(y.data, F.gelu(x).data)
 
 
+# --- linear's matmul and embedding's gradient ------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, kernels.SKINNY_ROWS, kernels.SKINNY_ROWS + 1])
+def test_matmul_transposed_is_x_times_w_transposed(rows):
+    x, w = rand(rows, 24).astype(np.float32), rand(40, 24, seed=1).astype(np.float32)
+    y = kernels.matmul_transposed(x, w)
+    assert y.flags.c_contiguous and y.dtype == np.float32
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_sum_rows_by_id_is_add_at():
+    """The sorted `reduceat` gives `np.add.at`'s sums (up to rounding: it may add in another order)."""
+    ids = np.random.default_rng(0).integers(0, 7, 60)
+    ids[:3] = 6                                   # a repeated id, and ids 0..6 not all present
+    rows = rand(60, 5).astype(np.float32)
+    expected = np.zeros((9, 5), dtype=np.float32)
+    np.add.at(expected, ids, rows)
+    got = kernels.sum_rows_by_id(ids, rows, 9)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert not got[~np.isin(np.arange(9), ids)].any()   # ids never looked up get zeros
+
+
 # --- layer norm -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -310,6 +333,7 @@ def test_cupy_kernels_match_numpy_twins(cupy_backend, dtype):
     close(*both(kernels.gelu_forward, x))
     close(*both(kernels.gelu_backward, x, g))
     close(*both(kernels.softmax, x))
+    close(*both(kernels.sum_rows_by_id, np.arange(24) % 5, x.reshape(24, 16), 7))
     close(*both(kernels.layer_norm_forward, x, w, b, 1e-5))
     mean, rstd = x.mean(-1, keepdims=True), 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     close(*both(kernels.layer_norm_backward, x, mean, rstd, w, g))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minigrad as mg
-from minigrad import F, Tensor, composed, gradcheck
+from minigrad import F, Tensor, composed, gradcheck, kernels
 
 RNG = np.random.default_rng(4321)
 
@@ -365,7 +365,7 @@ def test_attention_both_score_layouts(backend, monkeypatch, keys_first, q_shape,
     """Scores stored keys first or queries first (chosen by shape; forced here) give the same
     attention: values, gradients (composed twin and finite differences), any number of batch
     axes, and a KV cache's Tq < Tk."""
-    monkeypatch.setattr(F, "_scores_keys_first", lambda rows, Tk: keys_first)
+    monkeypatch.setattr(kernels, "scores_keys_first", lambda rows, Tk: keys_first)
     kv_shape = (*q_shape[:-2], Tk, q_shape[-1])
     q, k, v = t(*q_shape), t(*kv_shape), t(*kv_shape)
     fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal)
@@ -380,7 +380,7 @@ def test_attention_layouts_draw_the_same_dropout_mask(backend, monkeypatch):
     q, k, v = t(2, 2, 4, 3), t(2, 2, 4, 3), t(2, 2, 4, 3)
     outs, grads = [], []
     for keys_first in (True, False):
-        monkeypatch.setattr(F, "_scores_keys_first", lambda rows, Tk, kf=keys_first: kf)
+        monkeypatch.setattr(kernels, "scores_keys_first", lambda rows, Tk, kf=keys_first: kf)
         a = twins(q, k, v)
         mg.manual_seed(5)
         out = F.scaled_dot_product_attention(*a, causal=True, dropout_p=0.4)
@@ -402,8 +402,8 @@ def test_attention_output_puts_heads_side_by_side_for_free():
 
 
 def test_attention_picks_keys_first_for_many_short_rows():
-    assert F._scores_keys_first(rows=12 * 4 * 64, Tk=64)        # training: (B, H, T, T) scores
-    assert not F._scores_keys_first(rows=1 * 12 * 1, Tk=100)    # generation with a KV cache
+    assert kernels.scores_keys_first(rows=12 * 4 * 64, Tk=64)        # training: (B, H, T, T) scores
+    assert not kernels.scores_keys_first(rows=1 * 12 * 1, Tk=100)    # generation with a KV cache
 
 
 def test_attention_with_dropout_gradcheck(backend):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -214,9 +213,7 @@ def test_mlp_learns_xor(backend):
     x = Tensor(np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32))
     y = mg.backend.asarray(np.array([0, 1, 1, 0]))
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
-    start = time.perf_counter()
     losses = train(model, x, y, steps=200, lr=0.05)
-    assert time.perf_counter() - start < 10
     assert losses[0] > 0.5  # chance level is ln 2 = 0.69
     assert losses[-1] < 0.05
     pred = mg.to_numpy(model(x).data).argmax(axis=1)
@@ -239,9 +236,7 @@ def test_mlp_learns_a_spiral(backend):
     xn, yn = spiral()
     x, y = Tensor(xn), mg.backend.asarray(yn)
     model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
-    start = time.perf_counter()
     losses = train(model, x, y, steps=400, lr=0.02)
-    assert time.perf_counter() - start < 10
     accuracy = (mg.to_numpy(model(x).data).argmax(axis=1) == yn).mean()
     assert losses[-1] < 0.2 * losses[0]
     assert accuracy > 0.95

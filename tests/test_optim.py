@@ -271,6 +271,25 @@ def test_clip_grad_norm_reports_non_finite(backend):
         assert not math.isfinite(optim.clip_grad_norm_([a], max_norm=1.0))
 
 
+def test_grad_norm_is_the_global_norm_with_one_transfer(backend, monkeypatch):
+    """One home for the gradient norm: float32 and float64 gradients, parameters without one
+    skipped, nan and inf kept, and the per-parameter sums copied to the host once."""
+    a, b, c = (Parameter(np.zeros(s)) for s in ((2, 3), 5, 4))
+    ga, gb = RNG.standard_normal((2, 3)).astype(np.float32), RNG.standard_normal(5)
+    a.grad, b.grad = mg.backend.asarray(ga), mg.backend.asarray(gb)
+    transfers = []
+    real = mg.backend.to_numpy
+    monkeypatch.setattr(mg.backend, "to_numpy", lambda x: transfers.append(1) or real(x))
+    norm = optim.grad_norm([a, b, c])
+    assert len(transfers) == 1
+    assert norm == math.sqrt(float(np.vdot(ga, ga)) + float(np.vdot(gb, gb)))
+    assert optim.grad_norm([c]) == 0.0
+    for bad in (np.nan, np.inf):
+        b.grad = mg.backend.asarray(np.array([1.0, bad, 0.0, 0.0, 0.0]))
+        result = optim.grad_norm([a, b])
+        assert math.isnan(result) if np.isnan(bad) else result == math.inf
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # ---------------------------------------------------------------------------------------------

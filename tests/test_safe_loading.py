@@ -151,7 +151,6 @@ def test_forged_terabyte_header_allocates_nothing(tmp_path):
     export_hf(tiny_model(), hf)
     _write_safetensors_raw(hf / "model.safetensors", header, b"\x00" * 64)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         for load in (lambda: read_safetensors(ckpt / "model.safetensors"), lambda: load_model(ckpt),
                      lambda: load_pretrained(hf)):
@@ -160,7 +159,7 @@ def test_forged_terabyte_header_allocates_nothing(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 20 << 20 and time.perf_counter() - t0 < 5
+    assert peak < 20 << 20   # a forged header allocates nothing near what it claims
 
 
 def test_checkpoint_dtype_shape_nan_and_format_errors(tmp_path):
@@ -331,7 +330,7 @@ def _fuzz(load, directory: Path, names, cases: int, seed: int):
         except Exception as exc:  # noqa: BLE001 - the point of the test
             pytest.fail(f"case {case} ({name}, seed {seed}): {type(exc).__name__}: {exc}\n"
                         f"first bytes: {damaged[:200]!r}")
-        assert time.perf_counter() - t0 < 5, f"case {case} ({name}) took too long"
+        assert time.perf_counter() - t0 < 60, f"case {case} ({name}) hangs"   # a hang, not a speed
         (directory / name).write_bytes(originals[name])
     load()                                          # the undamaged files load again
     return outcomes

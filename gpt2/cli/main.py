@@ -112,6 +112,7 @@ def given_flags(argv) -> set[str]:
 def main(argv=None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted by Ctrl-C, 143 by
     SIGTERM; an interrupted `train` first saves a checkpoint to resume from)."""
+    mg.backend.tune_malloc()   # a training step's few GB of temporaries reused, not re-mapped each step
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
