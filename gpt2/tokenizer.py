@@ -56,6 +56,10 @@ class Tokenizer:
         ids = np.asarray(ids).reshape(-1).tolist()
         return self._enc.decode(ids)
 
+    def decode_bytes(self, ids) -> bytes:
+        """Ids -> their raw bytes (a token may hold part of a multi-byte UTF-8 character)."""
+        return self._enc.decode_bytes(np.asarray(ids).reshape(-1).tolist())
+
     def __repr__(self):
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
 

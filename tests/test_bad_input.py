@@ -131,7 +131,7 @@ def test_data_shorter_than_one_window():
     (["--model", "gpt5"], ["--model", "invalid choice"]),
     (["--lr", "fast"], ["--lr", "invalid float"]),
     (["--epochs", "2.5"], ["--epochs", "invalid int"]),
-    (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--bogus"], ["train has no flag --bogus", "train --help"]),
     (["--grad-accum", "0"], ["--grad-accum", "positive"]),
     (["--grad-accum", "-2"], ["--grad-accum"]),
     (["--eval-iters", "0"], ["--eval-iter"]),
