@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GPT2Error
+from .safeio import default_mode
 
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
@@ -59,7 +60,12 @@ def _mirror_dir() -> Path | None:
     """$GPT2_DATA_MIRROR: a local folder holding copies of the named texts (an offline machine, a
     shared cache), used before the network; each copy must match its SHA-256."""
     mirror = os.environ.get("GPT2_DATA_MIRROR")
-    return Path(mirror) if mirror else None
+    if not mirror:
+        return None
+    if not Path(mirror).is_dir():
+        raise GPT2Error(f"GPT2_DATA_MIRROR={mirror} is not a folder; point it at a folder holding copies of "
+                        f"{' and '.join(t.filename for t in NAMED_TEXTS.values())}, or unset it")
+    return Path(mirror)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +113,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())   # mkstemp's is 0600: a file like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,8 +131,8 @@ def verdict_path(data_dir=None, download: bool = True) -> Path:
 def named_text_path(name: str, data_dir=None, download: bool = True, url: str | None = None) -> Path:
     """Path to one of NAMED_TEXTS ("verdict", "shakespeare"), fetching it on first use.
 
-    Looked for in order: `<data_dir>/<filename>` (checked against its SHA-256), a copy beside a
-    development checkout (copied into data_dir), and finally its URL (`url` replaces it: tests
+    Looked for in order: `<data_dir>/<filename>` (checked against its SHA-256), a copy in
+    $GPT2_DATA_MIRROR (copied into data_dir), and finally its URL (`url` replaces it: tests
     pass a file:// URL). The download is checked against the SHA-256 before it is saved.
     """
     if name not in NAMED_TEXTS:
@@ -142,20 +149,27 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
         return path
     mirror = _mirror_dir()
     copy = mirror / named.filename if mirror else None
-    if copy is not None and copy.is_file() and _sha256(copy.read_bytes()) == named.sha256:
-        try:
-            _write_atomic(path, copy.read_bytes())
-            return path
-        except OSError:
-            return copy  # a read-only data folder: read the mirror's copy in place
+    mirror_note = ""
+    if copy is not None:
+        if not copy.is_file():
+            mirror_note = f"GPT2_DATA_MIRROR={mirror} has no {named.filename}; "
+        elif _sha256(copy.read_bytes()) != named.sha256:
+            mirror_note = f"{copy} (GPT2_DATA_MIRROR) does not match {named.title}'s SHA-256; "
+        else:
+            try:
+                _write_atomic(path, copy.read_bytes())
+                return path
+            except OSError:
+                return copy  # a read-only data folder: read the mirror's copy in place
     if not download:
-        raise GPT2Error(_absent_message(named, path, "downloading is off"))
+        raise GPT2Error(mirror_note + _absent_message(named, path, "downloading is off"))
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
     except Exception as exc:  # URLError, timeouts, HTTP errors
         reason = getattr(exc, "reason", exc)
-        raise GPT2Error(_absent_message(named, path, f"could not download it: {reason}")) from None
+        raise GPT2Error(mirror_note + _absent_message(named, path, f"could not download it: {reason}")
+                        ) from None
     if _sha256(data) != named.sha256:
         raise GPT2Error(f"the download from {url} does not match {named.title}'s SHA-256 "
                         f"{named.sha256[:12]}...; train on your own text with --data FILE instead")
@@ -165,7 +179,8 @@ def named_text_path(name: str, data_dir=None, download: bool = True, url: str | 
 
 def _absent_message(named: NamedText, path: Path, why: str) -> str:
     return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and save it as "
-            f"{path}, or train on your own UTF-8 text with --data FILE")
+            f"{path} (or set GPT2_DATA_MIRROR to a folder holding {named.filename}), or train on your own "
+            "UTF-8 text with --data FILE")
 
 
 def load_text(path=None) -> str:

@@ -96,6 +96,9 @@ class PreparedDataset:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def shard_files(self, split: str) -> list[Path]:
+        return [self.folder / s["file"] for s in self.manifest["splits"][split]["shards"]]
+
     def num_tokens(self, split: str) -> int:
         return sum(len(s) for s in self.shards[split])
 
@@ -103,7 +106,8 @@ class PreparedDataset:
         if split not in SPLITS:
             raise GPT2Error(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         try:
-            return RandomWindows(self.shards[split], batch_size, context_length, seed, SPLITS.index(split))
+            return RandomWindows(self.shards[split], batch_size, context_length, seed, SPLITS.index(split),
+                                 vocab_size=self.vocab_size, names=[str(p) for p in self.shard_files(split)])
         except GPT2Error as exc:
             raise GPT2Error(f"{self.folder} ({split} split): {exc}") from None
 
@@ -119,13 +123,16 @@ class RandomWindows(EpochPosition):
 
     shuffle = True   # (the DataLoader field that checkpoints record)
 
-    def __init__(self, shards, batch_size: int, context_length: int, seed: int = 0, split_id: int = 0):
+    def __init__(self, shards, batch_size: int, context_length: int, seed: int = 0, split_id: int = 0,
+                 vocab_size: int | None = None, names=None):
         for name, v in (("batch size", batch_size), ("context length", context_length)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise GPT2Error(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise GPT2Error(f"seed must be an integer >= 0, got {seed!r}")
         self.shards = list(shards)
+        self.vocab_size = vocab_size              # ids at or beyond it are refused, naming the shard
+        self.names = list(names) if names is not None else [f"shard {k}" for k in range(len(self.shards))]
         self.batch_size, self.max_length = int(batch_size), int(context_length)
         self.seed, self.split_id = int(seed), int(split_id)
         counts = np.array([max(len(s) - self.max_length, 0) for s in self.shards], dtype=np.int64)
@@ -160,6 +167,10 @@ class RandomWindows(EpochPosition):
         for k in np.unique(shard):                                     # one gather per shard
             rows = shard == k
             windows[rows] = self.shards[k][start[rows][:, None] + self._offsets]
+            if self.vocab_size is not None and windows[rows].max() >= self.vocab_size:
+                raise GPT2Error(f"{self.names[k]} holds token id {int(windows[rows].max())}, beyond the "
+                                f"dataset's vocabulary of {self.vocab_size} (a damaged shard, or a manifest "
+                                "edited by hand); prepare the dataset again")
         return windows[:, :-1], windows[:, 1:]
 
     def get_batch(self, index: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -54,9 +54,10 @@ def token_nats(model, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_z - picked
 
 
-def evaluate_ids(model, streams, n_bytes: int, batch_size: int = 8) -> EvalResult:
+def evaluate_ids(model, streams, n_bytes: int, batch_size: int = 8, names=None) -> EvalResult:
     """Evaluate `model` on token id arrays (`streams`: each one text, e.g. a shard), every token
-    but each stream's first predicted; `n_bytes` is the UTF-8 size of the predicted text."""
+    but each stream's first predicted; `n_bytes` is the UTF-8 size of the predicted text.
+    `names` (one per stream) name a stream whose ids are outside the vocabulary."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GPT2Error(f"batch size must be a positive integer, got {batch_size!r}")
     T = model.config.context_length
@@ -64,8 +65,12 @@ def evaluate_ids(model, streams, n_bytes: int, batch_size: int = 8) -> EvalResul
     model.eval()
     total, count = 0.0, 0
     try:
-        for ids in streams:
+        for k, ids in enumerate(streams):
             ids = np.asarray(ids)
+            if ids.size and int(ids.max()) >= model.config.vocab_size:
+                where = names[k] if names is not None else "the text"
+                raise GPT2Error(f"{where} holds token id {int(ids.max())}, outside the model's vocabulary of "
+                                f"{model.config.vocab_size}")
             n = len(ids) - 1                                   # predictions in this stream
             full = n // T                                      # windows of exactly T predictions
             for b in range(0, full, batch_size):
@@ -94,7 +99,6 @@ def utf8_bytes(tokenizer, ids) -> int:
 def evaluate_text(model, tokenizer, text: str, batch_size: int = 8) -> EvalResult:
     """Evaluate `model` on `text`, tokenized with `tokenizer` (the one the model was trained with)."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    _check_vocab(model, ids)
     return evaluate_ids(model, [ids], utf8_bytes(tokenizer, ids[1:]), batch_size)
 
 
@@ -106,11 +110,11 @@ def evaluate_dataset(model, dataset, split: str = "val", batch_size: int = 8) ->
     if dataset.vocab_size != model.config.vocab_size:
         raise GPT2Error(f"{dataset.folder} has a vocabulary of {dataset.vocab_size:,} tokens and the model "
                         f"{model.config.vocab_size:,}; evaluate on data prepared with the model's tokenizer")
+    names = [str(f) for f in dataset.shard_files(split)]
+    for name, s in zip(names, shards):
+        if s.size and int(s.max()) >= dataset.vocab_size:
+            raise GPT2Error(f"{name} holds token id {int(s.max())}, beyond the dataset's vocabulary of "
+                            f"{dataset.vocab_size} (damaged, or its manifest was edited); prepare it again")
     n_bytes = sum(utf8_bytes(dataset.tokenizer, s[1:]) for s in shards)
-    return evaluate_ids(model, shards, n_bytes, batch_size)
+    return evaluate_ids(model, shards, n_bytes, batch_size, names)
 
-
-def _check_vocab(model, ids) -> None:
-    if ids.size and int(ids.max()) >= model.config.vocab_size:
-        raise GPT2Error(f"the text has token id {int(ids.max())}, outside the model's vocabulary of "
-                        f"{model.config.vocab_size}")
