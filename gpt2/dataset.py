@@ -35,6 +35,7 @@ from .prepare import FORMAT, FORMAT_VERSION, MANIFEST
 from .tokenizer import tokenizer_from_dict
 
 SPLITS = ("train", "val")
+CHECK_IDS_UP_TO = 200_000_000   # shards up to this many tokens are checked whole when opened (< 1 s)
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
@@ -46,7 +47,9 @@ class PreparedDataset:
     """A prepared dataset folder: its manifest, tokenizer, and each split's shards as memmaps.
 
     Every shard's size is checked against the manifest before use (a truncated copy is one
-    GPT2Error naming the file, not garbage batches), and ids beyond the vocabulary are refused.
+    GPT2Error naming the file, not garbage batches), and ids beyond the vocabulary are refused,
+    naming the file: when it is opened (shards up to CHECK_IDS_UP_TO tokens), else as a batch
+    reads them.
     """
 
     def __init__(self, folder):
@@ -89,7 +92,14 @@ class PreparedDataset:
             if not f.is_file() or f.stat().st_size != n * self.dtype.itemsize:
                 raise GPT2Error(f"{f} is missing or not {n:,} tokens long (a partial copy?); prepare the "
                                 "dataset again")
-            shards.append(np.memmap(f, dtype=self.dtype, mode="r", shape=(n,)))
+            shard = np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
+            if n <= CHECK_IDS_UP_TO:   # (larger shards: every batch's ids are checked as it is read)
+                top = max(int(shard[i:i + (1 << 24)].max()) for i in range(0, n, 1 << 24))
+                if top >= self.vocab_size:
+                    raise GPT2Error(f"{f} holds token id {top}, beyond the dataset's vocabulary of "
+                                    f"{self.vocab_size} (a damaged shard, or a manifest edited by hand); "
+                                    "prepare the dataset again")
+            shards.append(shard)
         return shards
 
     @property

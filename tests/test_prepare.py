@@ -19,8 +19,9 @@ from gpt2.cli import main
 from gpt2.prepare import MANIFEST, prepare, read_chunks
 from gpt2.tokenizer import CharTokenizer, tokenizer_from_dict
 
+
 def _mirror() -> Path | None:
-    import os   # noqa: PLC0415
+    import os  # noqa: PLC0415
 
     return Path(os.environ["GPT2_DATA_MIRROR"]) if os.environ.get("GPT2_DATA_MIRROR") else None
 
@@ -294,8 +295,8 @@ def test_overwrite_refuses_a_shard_name_the_dataset_does_not_own(tmp_path):
 
 
 def test_prepared_files_get_the_usual_permissions(tmp_path):
-    import os   # noqa: PLC0415
-    import stat   # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
 
     src = tmp_path / "in.txt"
     src.write_text("some text to prepare\n" * 40)
@@ -323,8 +324,8 @@ def test_offline_message_names_the_mirror(tmp_path, fake_shakespeare):
 
 
 def test_a_downloaded_text_gets_the_usual_permissions(tmp_path, fake_shakespeare):
-    import os   # noqa: PLC0415
-    import stat   # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
 
     path = data.named_text_path("shakespeare", tmp_path / "data")
     umask = os.umask(0)

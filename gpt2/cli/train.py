@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import minigrad as mg
 from minigrad import distributed
 
@@ -103,8 +105,8 @@ def _train(args, comm, setup: dict) -> int:
     steps = total_steps(data.train_loader, cfg)
     if args.warmup_steps is not None and args.warmup_steps > steps:
         raise GPT2Error(f"--warmup-steps {args.warmup_steps} is more than the run's {steps} steps, so the "
-                        f"learning rate would never reach --lr; use at most --warmup-steps {steps} (a tenth of the "
-                        "run is usual), or train longer (--max-steps, --epochs)")
+                        f"learning rate would never reach --lr; use at most --warmup-steps {steps} (a tenth "
+                        "of the run is usual), or train longer (--max-steps, --epochs)")
     if comm.world_size > 1:
         comm, optimizer, cfg = _join_ranks(args, comm, setup, optimizer, cfg)
     _print_plan(args, comm, data, model, optimizer, steps, out)
@@ -227,7 +229,8 @@ def _load_data(args, comm, config: GPTConfig) -> _Data:
 def _first_line(dataset) -> str:
     """The first line of a prepared dataset's text (at most 64 tokens), the default sample prompt:
     "First Citizen:" for Tiny Shakespeare."""
-    ids = dataset.shards["train"][0][:64]
+    ids = np.asarray(dataset.shards["train"][0][:64])
+    ids = ids[ids < dataset.vocab_size]   # (damaged ids are reported, with the file, by the loader)
     text = dataset.tokenizer.decode(ids)
     line = text.split("\n", 1)[0].strip()
     return (line or text.strip()) or DEFAULT_SAMPLE_PROMPT
