@@ -78,7 +78,8 @@ class Chat:
     """One conversation with `model`: `reply(text)` yields the answer's text as it is generated.
 
     With a template the whole conversation so far is the prompt (its start cropped to leave
-    room for `max_new_tokens` in the model's context); without one, each message alone."""
+    room in the model's context for `max_new_tokens`, or half the context if that is less);
+    without one, each message alone."""
 
     def __init__(self, model, tokenizer, template: PromptTemplate | None = None, max_new_tokens: int = 200,
                  **sampling):
@@ -96,8 +97,10 @@ class Chat:
 
     def _ids(self, message: str) -> np.ndarray:
         ids = self.tokenizer.encode(self.prompt(message))
-        room = max(self.model.config.context_length - self.max_new_tokens, 1)
-        return np.asarray(ids[-room:], dtype=np.int64)
+        if self.template is not None:   # the newest turns, with room for the answer (up to half the context)
+            ctx = self.model.config.context_length
+            ids = ids[-(ctx - min(self.max_new_tokens, ctx // 2)):]
+        return np.asarray(ids, dtype=np.int64)   # (generate itself feeds the model the last context_length)
 
     def reply(self, message: str, seed: int | None = None):
         """Yields the answer to `message`, piece by piece; it joins the history at the end."""
