@@ -213,3 +213,34 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_every_command_in_the_readmes_parses():
+    """Each `python -m gpt2 ...` line in README.md and benchmarks/README.md names flags that exist
+    (after nanoGPT's spellings are read), so the docs cannot promise a flag the CLI refuses."""
+    import re
+    import shlex
+
+    from gpt2.cli.main import build_parser, normalize_argv
+
+    repo = Path(__file__).resolve().parent.parent
+    seen = 0
+    for doc in (repo / "README.md", repo / "benchmarks" / "README.md"):
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            m = re.search(r"(?:^|[\s|])python -m gpt2 (.*)$", line)
+            shown = "$ python" in line or "error:" in line    # a mistake and its message, shown as such
+            if m is None or "..." in m.group(1) or "`" in line or shown:   # (`: prose, not a code block)
+                continue
+            command = re.split(r"\s{3,}|\s{2}#|\s#\s", m.group(1))[0]   # (a comment or description)
+            argv = [a for a in shlex.split(command) if not a.startswith("[")]   # [optional] in a synopsis
+            if not argv or argv[0].isupper() or argv[0].startswith("-"):   # COMMAND --help, --version
+                continue
+            parser = build_parser()
+            try:
+                args, extras = parser.parse_known_args(normalize_argv(parser, argv))
+            except SystemExit as exc:
+                raise AssertionError(f"{doc.name}: `python -m gpt2 {command}` does not parse") from exc
+            assert not extras, f"{doc.name}: `python -m gpt2 {command}`: unknown {extras}"
+            seen += 1
+    assert seen > 30
