@@ -124,7 +124,11 @@ def verdict_path(data_dir=None, download: bool = True) -> Path:
     """Path to The Verdict, fetching it on first use; $GPT2_DATA (a file) wins if set.
     See `named_text_path` for where it is looked for."""
     if os.environ.get("GPT2_DATA"):
-        return Path(os.environ["GPT2_DATA"])
+        path = Path(os.environ["GPT2_DATA"])
+        if not path.is_file():
+            raise GPT2Error(f"GPT2_DATA={path} is not a file; point it at a copy of {VERDICT_NAME}, or unset "
+                            "it (The Verdict is then downloaded), or pass --data FILE")
+        return path
     return named_text_path("verdict", data_dir, download)
 
 

@@ -503,3 +503,32 @@ def test_tokenizer_from_plain_vocab_files_and_a_clear_offline_error(tmp_path, mo
         assert "word ..." in msg and "wor)" not in msg   # cut between words
     finally:
         tk.get_tokenizer.cache_clear()
+
+
+@pytest.mark.parametrize("env, fragments", [
+    ({"MINIGRAD_NUM_THREADS": "many"}, ["MINIGRAD_NUM_THREADS='many'", "unset it"]),
+    ({"GPT2_DATA": "/no/such/verdict.txt"}, ["GPT2_DATA=/no/such/verdict.txt is not a file", "unset"]),
+    ({"GPT2_DATA_MIRROR": "/no/such/mirror"}, ["GPT2_DATA_MIRROR=/no/such/mirror is not a folder"]),
+])
+def test_bad_environment_variables_are_one_line(tmp_path, env, fragments):
+    """In a real process (the thread count is read once per process)."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), "GPT2_DATA_DIR": str(tmp_path / "data"), **env}
+    res = subprocess.run([sys.executable, "-m", "gpt2", "train", *TINY, "--max-steps", "1", "--out",
+                          str(tmp_path / "o"), "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=full)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bench_shape_errors_name_flags(capsys):
+    _one_error_line(capsys, ["bench", "--emb-dim", "60", "--n-heads", "7"],
+                    "--emb-dim (60) must be divisible by --n-heads (7)")
+
+
+def test_version(capsys):
+    from gpt2.cli.flags import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"python -m gpt2 {version()}"

@@ -316,7 +316,12 @@ def settings_from_args(args) -> dict:
 def config_from_args(args) -> GPTConfig:
     settings = settings_from_args(args)
     settings.pop("batch_size")
-    return config_for(args.model, **settings)
+    try:
+        return config_for(args.model, **settings)
+    except GPT2Error as exc:   # the config's own check, in the words of the flags
+        from .train_flags import flag_words  # noqa: PLC0415
+
+        raise GPT2Error(flag_words(str(exc), args.model)) from None
 
 
 def run(args) -> int:

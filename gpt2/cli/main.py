@@ -183,7 +183,8 @@ def check_environment() -> None:
         raise mg.backend.env_error
     try:
         distributed.default_timeout()
-    except distributed.DistributedError as exc:
+        mg.parallel.num_threads()   # MINIGRAD_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS
+    except (distributed.DistributedError, ValueError) as exc:
         raise GPT2Error(str(exc)) from None
 
 

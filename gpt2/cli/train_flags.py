@@ -135,7 +135,7 @@ def config_from_args(args, vocab_size: int | None = None) -> GPTConfig:
 
 
 _FLAG_OF_FIELD = {"emb_dim": "--emb-dim", "n_heads": "--n-heads", "n_layers": "--n-layers",
-                  "context_length": "--context-length", "dropout": "--dropout"}
+                  "context_length": "--context-length", "dropout": "--dropout", "vocab_size": "--vocab-size"}
 
 
 def flag_words(message: str, model: str) -> str:
