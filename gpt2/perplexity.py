@@ -47,14 +47,17 @@ class EvalResult:
 def token_nats(model, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-ln p(target) for every position of a batch (B, T) -> float64 (B, T), on the host."""
     with mg.no_grad():
-        logits = backend.to_numpy(model(inputs).data).astype(np.float64)       # (B, T, V)
-    shift = logits.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(logits - shift).sum(axis=-1)) + shift[..., 0]        # (B, T)
-    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]   # (B, T)
-    return log_z - picked
+        logits = model(inputs).data                                            # (B, T, V)
+    out = np.empty(targets.shape, dtype=np.float64)
+    for b in range(len(targets)):   # one row at a time in float64: (T, V) is 400 MB for GPT-2 at 1024
+        z = backend.to_numpy(logits[b]).astype(np.float64)                     # (T, V)
+        shift = z.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(z - shift).sum(axis=-1)) + shift[:, 0]           # (T,)
+        out[b] = log_z - np.take_along_axis(z, targets[b][:, None], axis=-1)[:, 0]
+    return out
 
 
-def evaluate_ids(model, streams, n_bytes: int, batch_size: int = 8, names=None) -> EvalResult:
+def evaluate_ids(model, streams, n_bytes: int, batch_size: int = 4, names=None) -> EvalResult:
     """Evaluate `model` on token id arrays (`streams`: each one text, e.g. a shard), every token
     but each stream's first predicted; `n_bytes` is the UTF-8 size of the predicted text.
     `names` (one per stream) name a stream whose ids are outside the vocabulary."""
@@ -96,13 +99,13 @@ def utf8_bytes(tokenizer, ids) -> int:
     return len(tokenizer.decode(ids).encode("utf-8"))
 
 
-def evaluate_text(model, tokenizer, text: str, batch_size: int = 8) -> EvalResult:
+def evaluate_text(model, tokenizer, text: str, batch_size: int = 4) -> EvalResult:
     """Evaluate `model` on `text`, tokenized with `tokenizer` (the one the model was trained with)."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     return evaluate_ids(model, [ids], utf8_bytes(tokenizer, ids[1:]), batch_size)
 
 
-def evaluate_dataset(model, dataset, split: str = "val", batch_size: int = 8) -> EvalResult:
+def evaluate_dataset(model, dataset, split: str = "val", batch_size: int = 4) -> EvalResult:
     """Evaluate `model` on a split of a PreparedDataset (each shard a stream of its own)."""
     if split not in dataset.shards:
         raise GPT2Error(f"unknown split {split!r}; choose one of {', '.join(dataset.shards)}")

@@ -419,6 +419,20 @@ def test_keep_best_never_replaces_a_best_folder_that_is_not_ours(tmp_path, files
     assert (out / "best" / "my-notes.txt").read_text() == "keep"
 
 
+def test_train_overwrite_removes_only_the_runs_own_files(tmp_path, files, capsys):
+    tokenizer_or_skip()
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(files["story"]), *TINY, "--max-steps", "1", "--out", str(out),
+            "--no-progress", "--sample-prompt", ""]
+    assert main(argv) == 0
+    (out / "config.json").write_text('{"my": "settings"}')   # a file of the user's own, whatever its name
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000001"]
+
+
 def test_overwrite_keeps_the_users_files_in_a_dataset_folder(tmp_path, files, capsys):
     out = tmp_path / "ds"
     argv = ["prepare", str(files["story"]), "--tokenizer", "char", "--no-progress", "--out", str(out)]

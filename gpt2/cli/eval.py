@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
                    help="a UTF-8 text file, or a dataset folder made by `prepare`")
     p.add_argument("--split", choices=list(SPLITS), default="val",
                    help="the split of a prepared dataset to evaluate")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="windows per forward pass (GPT-2's logits are 200 MB per window of 1024)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 

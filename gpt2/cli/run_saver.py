@@ -47,7 +47,9 @@ def check_out_dir(out: Path, overwrite: bool, keep_best: bool = False) -> None:
     if keep_best:
         check_best_dir(out)
     ours = [p.name for p in list_checkpoints(out)][-3:]
-    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, "loss.png") if (out / n).exists()]
+    single = (out / MODEL_FILE).is_file()   # a checkpoint saved straight into the folder
+    ours += [n for n in (*(CHECKPOINT_FILES if single else ()), LATEST_FILE, "loss.png")
+             if (out / n).exists()]
     ours += [BEST_DIR] if (out / BEST_DIR / MODEL_FILE).is_file() else []
     if ours and not overwrite:
         resume = f"continue it with --resume {out}, " if is_run_dir(out) else ""
@@ -59,8 +61,9 @@ def clear_out_dir(out: Path) -> None:
     """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
     if not out.is_dir():
         return
-    for n in (LATEST_FILE, *CHECKPOINT_FILES, "loss.png"):   # `latest` first: nothing points at a
-        (out / n).unlink(missing_ok=True)                     # half-deleted checkpoint
+    single = (out / MODEL_FILE).is_file()   # a checkpoint's files straight in the folder (else a
+    for n in (LATEST_FILE, *(CHECKPOINT_FILES if single else ()), "loss.png"):   # config.json is yours)
+        (out / n).unlink(missing_ok=True)   # `latest` first: nothing points at a half-deleted checkpoint
     for ckpt in list_checkpoints(out):
         shutil.rmtree(ckpt)
     if (out / BEST_DIR / MODEL_FILE).is_file():   # only a checkpoint of ours

@@ -38,6 +38,7 @@ from minigrad import functional as F
 from ..config import GPTConfig, course_config
 from ..model import GPTModel
 from . import bench
+from .flags import default_backend
 
 TINY = GPTConfig(vocab_size=101, context_length=32, emb_dim=32, n_heads=4, n_layers=2, dropout=0.0,
                  qkv_bias=False, tie_embeddings=False)
@@ -297,7 +298,7 @@ def selftest(backend_name: str = "cupy", quick: bool = False, tests: bool = True
 
 def add_arguments(parser) -> None:
     parser.add_argument("--backend", choices=["auto", "numpy", "cupy"],
-                        default=os.environ.get("MINIGRAD_BACKEND") or "auto",
+                        default=default_backend() if os.environ.get("MINIGRAD_BACKEND") else "auto",
                         help="the backend to check: cupy (the GPU), numpy (the CPU), or auto: cupy when a "
                         "GPU can be used, else numpy (default: $MINIGRAD_BACKEND, else auto)")
     parser.add_argument("--quick", action="store_true",

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
 from ..errors import GPT2Error
 from ..train import TrainConfig
-from .flags import PROG, flag_name, require_finite, require_positive
+from .flags import PROG, default_backend, flag_name, require_finite, require_positive
 
 DEFAULT_SAMPLE_PROMPT = "Every effort moves you"   # The Verdict's first words, as in the book
 
@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"\"{DEFAULT_SAMPLE_PROMPT}\" for a text file; the first line of a prepared dataset)")
     t.add_argument("--seed", type=int, default=123, metavar="N",
                    help="seed for weights, dropout and the shuffle order")
-    t.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="numpy (CPU) or cupy (NVIDIA GPU)")
+    t.add_argument("--backend", choices=["numpy", "cupy"], default=default_backend(),
+                   help="numpy (CPU) or cupy (NVIDIA GPU) (default: $MINIGRAD_BACKEND, else numpy)")
     t.add_argument("--out", metavar="DIR", default="runs/train",
                    help="run directory for the checkpoints (ckpt-<step>/, `latest`) and loss.png")
     t.add_argument("--overwrite", action="store_true",
