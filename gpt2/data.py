@@ -63,7 +63,12 @@ def _mirror_dir() -> Path | None:
     """$GPT2_DATA_MIRROR: a local folder holding copies of the named texts (an offline machine, a
     shared cache), used before the network; each copy must match its SHA-256."""
     mirror = os.environ.get("GPT2_DATA_MIRROR")
-    return Path(mirror) if mirror else None
+    if not mirror:
+        return None
+    if not Path(mirror).is_dir():
+        raise GPT2Error(f"GPT2_DATA_MIRROR={mirror} is not a folder; point it at a folder holding copies of "
+                        f"{' and '.join(t.filename for t in NAMED_TEXTS.values())}, or unset it")
+    return Path(mirror)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,15 +117,19 @@ def verdict_path(data_dir=None, download: bool = True) -> Path:
     """Path to The Verdict, fetching it on first use; $GPT2_DATA (a file) wins if set.
     See `named_text_path` for where it is looked for."""
     if os.environ.get("GPT2_DATA"):
-        return Path(os.environ["GPT2_DATA"])
+        path = Path(os.environ["GPT2_DATA"])
+        if not path.is_file():
+            raise GPT2Error(f"GPT2_DATA={path} is not a file; point it at a copy of {VERDICT_NAME}, or unset "
+                            "it (The Verdict is then downloaded), or pass --data FILE")
+        return path
     return named_text_path("verdict", data_dir, download)
 
 
 def named_text_path(name: str, data_dir=None, download: bool = True, url: str | None = None) -> Path:
     """Path to one of NAMED_TEXTS ("verdict", "shakespeare"), fetching it on first use.
 
-    Looked for in order: `<data_dir>/<filename>` (checked against its SHA-256), a copy beside a
-    development checkout (copied into data_dir), and finally its URL (`url` replaces it: tests
+    Looked for in order: `<data_dir>/<filename>` (checked against its SHA-256), a copy in
+    $GPT2_DATA_MIRROR (copied into data_dir), and finally its URL (`url` replaces it: tests
     pass a file:// URL). The download is checked against the SHA-256 before it is saved.
     """
     if name not in NAMED_TEXTS:
@@ -142,20 +151,27 @@ def fetch_named(named: NamedText, data_dir=None, download: bool = True, url: str
         return path
     mirror = _mirror_dir()
     copy = mirror / named.filename if mirror else None
-    if copy is not None and copy.is_file() and _sha256(copy.read_bytes()) == named.sha256:
-        try:
-            _write_atomic(path, copy.read_bytes())
-            return path
-        except OSError:
-            return copy  # a read-only data folder: read the mirror's copy in place
+    mirror_note = ""
+    if copy is not None:
+        if not copy.is_file():
+            mirror_note = f"GPT2_DATA_MIRROR={mirror} has no {named.filename}; "
+        elif _sha256(copy.read_bytes()) != named.sha256:
+            mirror_note = f"{copy} (GPT2_DATA_MIRROR) does not match {named.title}'s SHA-256; "
+        else:
+            try:
+                _write_atomic(path, copy.read_bytes())
+                return path
+            except OSError:
+                return copy  # a read-only data folder: read the mirror's copy in place
     if not download:
-        raise GPT2Error(_absent_message(named, path, "downloading is off"))
+        raise GPT2Error(mirror_note + _absent_message(named, path, "downloading is off"))
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
     except Exception as exc:  # URLError, timeouts, HTTP errors
         reason = getattr(exc, "reason", exc)
-        raise GPT2Error(_absent_message(named, path, f"could not download it: {reason}")) from None
+        raise GPT2Error(mirror_note + _absent_message(named, path, f"could not download it: {reason}")
+                        ) from None
     if named.zip_member is not None:
         data = _zip_member(data, named, url)
     if _sha256(data) != named.sha256:
@@ -178,8 +194,8 @@ def _zip_member(data: bytes, named: NamedText, url: str) -> bytes:
 def _absent_message(named: NamedText, path: Path, why: str) -> str:
     save = (f"extract {named.zip_member} from it and save that as {path}" if named.zip_member
             else f"save it as {path}")
-    return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and {save}, "
-            f"or {named.instead}")
+    return (f"{named.title} is not in {path.parent} and {why}; download {named.url} and {save} (or set "
+            f"GPT2_DATA_MIRROR to a folder holding {named.filename}), or {named.instead}")
 
 
 def load_text(path=None) -> str:

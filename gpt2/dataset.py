@@ -35,6 +35,7 @@ from .prepare import FORMAT, FORMAT_VERSION, MANIFEST
 from .tokenizer import tokenizer_from_dict
 
 SPLITS = ("train", "val")
+CHECK_IDS_UP_TO = 200_000_000   # shards up to this many tokens are checked whole when opened (< 1 s)
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
@@ -46,7 +47,9 @@ class PreparedDataset:
     """A prepared dataset folder: its manifest, tokenizer, and each split's shards as memmaps.
 
     Every shard's size is checked against the manifest before use (a truncated copy is one
-    GPT2Error naming the file, not garbage batches), and ids beyond the vocabulary are refused.
+    GPT2Error naming the file, not garbage batches), and ids beyond the vocabulary are refused,
+    naming the file: when it is opened (shards up to CHECK_IDS_UP_TO tokens), else as a batch
+    reads them.
     """
 
     def __init__(self, folder):
@@ -89,12 +92,22 @@ class PreparedDataset:
             if not f.is_file() or f.stat().st_size != n * self.dtype.itemsize:
                 raise GPT2Error(f"{f} is missing or not {n:,} tokens long (a partial copy?); prepare the "
                                 "dataset again")
-            shards.append(np.memmap(f, dtype=self.dtype, mode="r", shape=(n,)))
+            shard = np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
+            if n <= CHECK_IDS_UP_TO:   # (larger shards: every batch's ids are checked as it is read)
+                top = max(int(shard[i:i + (1 << 24)].max()) for i in range(0, n, 1 << 24))
+                if top >= self.vocab_size:
+                    raise GPT2Error(f"{f} holds token id {top}, beyond the dataset's vocabulary of "
+                                    f"{self.vocab_size} (a damaged shard, or a manifest edited by hand); "
+                                    "prepare the dataset again")
+            shards.append(shard)
         return shards
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    def shard_files(self, split: str) -> list[Path]:
+        return [self.folder / s["file"] for s in self.manifest["splits"][split]["shards"]]
 
     def num_tokens(self, split: str) -> int:
         return sum(len(s) for s in self.shards[split])
@@ -103,7 +116,8 @@ class PreparedDataset:
         if split not in SPLITS:
             raise GPT2Error(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         try:
-            return RandomWindows(self.shards[split], batch_size, context_length, seed, SPLITS.index(split))
+            return RandomWindows(self.shards[split], batch_size, context_length, seed, SPLITS.index(split),
+                                 vocab_size=self.vocab_size, names=[str(p) for p in self.shard_files(split)])
         except GPT2Error as exc:
             raise GPT2Error(f"{self.folder} ({split} split): {exc}") from None
 
@@ -120,13 +134,16 @@ class RandomWindows(EpochPosition):
     shuffle = True   # (the DataLoader field that checkpoints record)
     KIND = "random_windows"
 
-    def __init__(self, shards, batch_size: int, context_length: int, seed: int = 0, split_id: int = 0):
+    def __init__(self, shards, batch_size: int, context_length: int, seed: int = 0, split_id: int = 0,
+                 vocab_size: int | None = None, names=None):
         for name, v in (("batch size", batch_size), ("context length", context_length)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise GPT2Error(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise GPT2Error(f"seed must be an integer >= 0, got {seed!r}")
         self.shards = list(shards)
+        self.vocab_size = vocab_size              # ids at or beyond it are refused, naming the shard
+        self.names = list(names) if names is not None else [f"shard {k}" for k in range(len(self.shards))]
         self.batch_size, self.max_length = int(batch_size), int(context_length)
         self.seed, self.split_id = int(seed), int(split_id)
         counts = np.array([max(len(s) - self.max_length, 0) for s in self.shards], dtype=np.int64)
@@ -161,6 +178,10 @@ class RandomWindows(EpochPosition):
         for k in np.unique(shard):                                     # one gather per shard
             rows = shard == k
             windows[rows] = self.shards[k][start[rows][:, None] + self._offsets]
+            if self.vocab_size is not None and windows[rows].max() >= self.vocab_size:
+                raise GPT2Error(f"{self.names[k]} holds token id {int(windows[rows].max())}, beyond the "
+                                f"dataset's vocabulary of {self.vocab_size} (a damaged shard, or a manifest "
+                                "edited by hand); prepare the dataset again")
         return windows[:, :-1], windows[:, 1:]
 
     def get_batch(self, index: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:

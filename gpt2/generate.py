@@ -12,6 +12,8 @@ float64 with a NumPy generator, so a seed gives the same tokens on CPU and GPU.
 
 from __future__ import annotations
 
+import codecs
+
 import numpy as np
 
 import minigrad as mg
@@ -78,15 +80,28 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
     reusing every layer's stored keys and values; the tokens are exactly those of recomputing
     the whole context (`use_cache=False`). Once the context is full, each step recomputes the
     cropped window, as the uncached path does.
+
+    The tokens are those `generate_stream` yields one at a time, collected.
+    """
+    ids2d, squeeze = _as_batch(ids)
+    new = list(generate_stream(model, ids2d, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                               use_cache))
+    out = np.concatenate([ids2d, np.stack(new, axis=1)], axis=1) if new else ids2d
+    return out[0] if squeeze else out
+
+
+def generate_stream(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
+                    use_cache: bool = True):
+    """`generate`, one step at a time: yields each new token as soon as it is chosen -- an int for
+    a prompt of shape (T,), an int64 array (B,) for a batch (B, T) -- so a caller can print it
+    while the next one is computed. The same tokens as `generate` with the same arguments.
+
+        for token in generate_stream(model, ids, 50):
+            print(decoder.add(token), end="", flush=True)    # see TextStream
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    ids = np.asarray(backend.to_numpy(ids.data if isinstance(ids, mg.Tensor) else ids))
-    squeeze = ids.ndim == 1
-    if squeeze:
-        ids = ids[None, :]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise GPT2Error(f"the prompt must have at least one token, got shape {ids.shape}")
-    ids = ids.astype(np.int64)
+    ids, squeeze = _as_batch(ids)
     ctx = model.config.context_length
     rng = np.random.default_rng(seed)
     was_training = model.training
@@ -97,13 +112,14 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
             cache = model.new_cache(ids.shape[0]) if use_cache else None
             logits = _forward_last(model, ids[:, -ctx:], cache)
             for step in range(max_new_tokens):
-                nxt = next_token(logits, temperature, top_k, top_p, rng)
+                nxt = next_token(logits, temperature, top_k, top_p, rng).astype(np.int64)
                 if eos_id is not None:
                     nxt = np.where(done, eos_id, nxt)  # rows that already ended are padded
                     done |= nxt == eos_id
                     if done.all():
                         break  # the eos that ends the last row is not appended
                 ids = np.concatenate([ids, nxt[:, None]], axis=1)
+                yield int(nxt[0]) if squeeze else nxt
                 if step == max_new_tokens - 1:
                     break  # no need to run the model for a token we will not pick
                 if cache is not None and cache.length < ctx:
@@ -114,7 +130,57 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
                     logits = _forward_last(model, ids[:, -ctx:], cache)
     finally:
         model.train(was_training)
-    return ids[0] if squeeze else ids
+
+
+def _as_batch(ids) -> tuple[np.ndarray, bool]:
+    """A prompt as int64 (B, T) on the host, and whether it was given as (T,)."""
+    ids = np.asarray(backend.to_numpy(ids.data if isinstance(ids, mg.Tensor) else ids))
+    squeeze = ids.ndim == 1
+    if squeeze:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GPT2Error(f"the prompt must have at least one token, got shape {ids.shape}")
+    return ids.astype(np.int64), squeeze
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is whole: `add(id)` returns the new text (maybe "")
+    and `end()` whatever is left. A character that spans several tokens (GPT-2's BPE splits many
+    multi-byte UTF-8 characters, e.g. emoji, across tokens) is held back until its last byte
+    arrives, so a stream never prints half a character.
+
+        stream = TextStream(tokenizer)
+        for token in generate_stream(model, ids, 50):
+            print(stream.add(token), end="", flush=True)
+        print(stream.end())
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._shown = 0                                  # characters already returned
+        self._bytes = getattr(tokenizer, "decode_bytes", None)
+        if self._bytes is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        if self._bytes is not None:
+            return self._utf8.decode(self._bytes([int(token)]))
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")   # a character still incomplete?
+        new, self._shown = text[self._shown:], max(self._shown, len(text))
+        return new
+
+    def end(self) -> str:
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        text = self.tokenizer.decode(self.ids)
+        new, self._shown = text[self._shown:], len(text)
+        return new
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
 
 
 def _forward_last(model, ids: np.ndarray, cache) -> np.ndarray:

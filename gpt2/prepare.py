@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GPT2Error
+from .safeio import default_mode
 from .tokenizer import TOKENIZERS, CharTokenizer, get_tokenizer
 
 MANIFEST = "manifest.json"
@@ -199,7 +200,7 @@ def prepare(sources, out, tokenizer: str = "gpt2", val_fraction: float = 0.1, wo
             raise GPT2Error(f"{name} must be a positive integer, got {v!r}")
     files = list_sources(sources)
     out = Path(out)
-    _check_out(out, overwrite)
+    old_manifest = _check_out(out, overwrite, files)
     total_bytes = sum(f.stat().st_size for f in files)
 
     # 1. The tokenizer (a first pass over the text for the character vocabulary).
@@ -216,6 +217,7 @@ def prepare(sources, out, tokenizer: str = "gpt2", val_fraction: float = 0.1, wo
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        os.chmod(work, default_mode(directory=True))   # mkdtemp's is 0700: a folder like any other
         # 2. Every token, in order, appended to one file as the chunks are encoded.
         all_ids = work / "all.tmp"
         n_tokens, sources_info, seconds = _encode_files(files, tok, dtype, all_ids, workers, progress,
@@ -242,26 +244,74 @@ def prepare(sources, out, tokenizer: str = "gpt2", val_fraction: float = 0.1, wo
         }
         text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         (work / MANIFEST).write_text(text, encoding="utf-8")
-        # 4. Into place: the previous dataset (only with --overwrite) is removed just before.
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        # 4. Into place. A new folder is renamed into place whole; into an existing dataset
+        # (only with --overwrite) go our new files, after our old ones are removed: the manifest
+        # first (never one naming missing shards) and last. Nothing else in the folder is touched.
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            if out.exists():
+                out.rmdir()
+            os.replace(work, out)
+        else:
+            (out / MANIFEST).unlink()
+            for name in _own_files(out, old_manifest):
+                (out / name).unlink(missing_ok=True)
+            for f in sorted(work.iterdir(), key=lambda f: f.name == MANIFEST):   # the manifest last
+                os.replace(f, out / f.name)
+            work.rmdir()
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _own_files(out: Path, manifest: dict | None) -> list[str]:
+    """The shard files a dataset's manifest lists (what prepare wrote there, and may remove)."""
+    names = []
+    for split in ((manifest or {}).get("splits") or {}).values():
+        for shard in (split.get("shards") if isinstance(split, dict) else None) or []:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            if isinstance(name, str) and Path(name).name == name and name.endswith(".bin"):
+                names.append(name)
+    return names
+
+
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def _check_out(out: Path, overwrite: bool, files=()) -> dict | None:
+    """Refuse an --out that is not ours to write; returns the manifest of the dataset that
+    --overwrite replaces (None for a new or empty folder)."""
     if out.exists() and not out.is_dir():
         raise GPT2Error(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise GPT2Error(f"--out {out} is a folder that is not empty and not a prepared dataset; "
-                            "choose another --out (prepare never deletes other files)")
-        if not overwrite:
-            raise GPT2Error(f"--out {out} already holds a prepared dataset; choose another --out, or pass "
-                            "--overwrite to replace it")
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if not (out / MANIFEST).is_file():
+        raise GPT2Error(f"--out {out} is a folder that is not empty and not a prepared dataset; "
+                        "choose another --out (prepare never deletes other files)")
+    if not overwrite:
+        raise GPT2Error(f"--out {out} already holds a prepared dataset; choose another --out, or pass "
+                        "--overwrite to replace it (only the dataset's own files are replaced)")
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise GPT2Error(f"{out / MANIFEST} is not a minigrad-gpt2 dataset manifest, so prepare cannot tell "
+                        "which files are its own; choose another --out")
+    ours = {out / n for n in _own_files(out, manifest)}
+    for f in files:
+        if f.resolve() in {p.resolve() for p in ours}:
+            raise GPT2Error(f"{f} is a shard of the dataset in --out {out} that --overwrite would replace; "
+                            "prepare from the text instead, or choose another --out")
+    # a file the new dataset would write that the old one did not (a shard of the user's)
+    clash = sorted(p.name for p in out.glob("*-*.bin") if p not in ours and p.name.split("-")[0] in
+                   ("train", "val"))
+    if clash:
+        raise GPT2Error(f"--out {out} holds {clash[0]}, which is not a shard of its dataset and would be "
+                        "replaced; move it away or choose another --out")
+    return manifest
 
 
 def _encode_files(files, tok, dtype, dest: Path, workers, progress, total_bytes, chunk_bytes):

@@ -15,7 +15,7 @@ tokenizer.json hold it), so a model always decodes with the tokenizer it was tra
 BPE starts from the 256 bytes, so *any* text can be encoded (no unknown-word token); 50,000 merges
 learned by OpenAI glue frequent byte pairs into longer tokens, and id 50256 is `<|endoftext|>`,
 which separates documents. tiktoken downloads the two vocabulary files on first use and caches
-them; offline, point `TIKTOKEN_CACHE_DIR` at a folder that already holds them.
+them; offline, point `TIKTOKEN_CACHE_DIR` at a folder that holds them (see get_tokenizer).
 """
 
 from __future__ import annotations
@@ -56,28 +56,75 @@ class Tokenizer:
         ids = np.asarray(ids).reshape(-1).tolist()
         return self._enc.decode(ids)
 
+    def decode_bytes(self, ids) -> bytes:
+        """Ids -> their raw bytes (a token may hold part of a multi-byte UTF-8 character)."""
+        return self._enc.decode_bytes(np.asarray(ids).reshape(-1).tolist())
+
     def __repr__(self):
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
+
+
+# tiktoken caches each downloaded file under the SHA-1 of its URL; these are GPT-2's two.
+TIKTOKEN_CACHE_FILES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                        "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"}
+# and their SHA-256, as tiktoken checks them
+_GPT2_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 
 
 @functools.cache
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """The `gpt2` BPE tokenizer (cached: built once per process).
 
+    tiktoken downloads GPT-2's vocabulary (vocab.bpe and encoder.json) on first use and keeps it
+    in its cache, each file named by the SHA-1 of its URL (TIKTOKEN_CACHE_FILES). Offline, set
+    TIKTOKEN_CACHE_DIR to a folder holding either that cache (copied from a machine where it
+    ran) or the two files under their own names, vocab.bpe and encoder.json.
+
     Raises GPT2Error, in one line naming TIKTOKEN_CACHE_DIR, if the vocabulary can be neither
-    read from the cache nor downloaded.
+    read nor downloaded.
     """
     import tiktoken  # noqa: PLC0415 - keep `import gpt2` light
 
+    where = os.environ.get("TIKTOKEN_CACHE_DIR")
     try:
+        if name == "gpt2" and where and all(os.path.isfile(os.path.join(where, f)) for f in _GPT2_SHA256):
+            return Tokenizer(_gpt2_from_files(tiktoken, where))
         return Tokenizer(tiktoken.get_encoding(name))
     except Exception as exc:  # no network, a proxy error, a corrupt cache, ...
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        where = os.environ.get("TIKTOKEN_CACHE_DIR")
-        hint = (f"TIKTOKEN_CACHE_DIR={where} does not hold it" if where else "TIKTOKEN_CACHE_DIR is not set")
-        raise GPT2Error(f"could not load the {name!r} tokenizer vocabulary (offline? {reason}); "
-                        f"{hint}: set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached "
-                        f"{name} files, or run once with network access") from None
+        reason = _shorten(" ".join(str(exc).split()) or type(exc).__name__, 160)
+        if where and not os.path.isdir(where):
+            hint = f"TIKTOKEN_CACHE_DIR={where} is not a folder"
+        elif where:
+            hint = f"TIKTOKEN_CACHE_DIR={where} does not hold it"
+        else:
+            hint = "TIKTOKEN_CACHE_DIR is not set"
+        raise GPT2Error(f"could not load the {name!r} tokenizer vocabulary (offline? {reason}); {hint}: set "
+                        f"TIKTOKEN_CACHE_DIR to a folder holding vocab.bpe and encoder.json (from "
+                        f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/), or tiktoken's "
+                        f"cache of them (files named {TIKTOKEN_CACHE_FILES['vocab.bpe'][:8]}... and "
+                        f"{TIKTOKEN_CACHE_FILES['encoder.json'][:8]}...), or run once with network "
+                        "access") from None
+
+
+def _gpt2_from_files(tiktoken, folder: str):
+    """GPT-2's encoding from vocab.bpe and encoder.json in `folder` (checked by SHA-256)."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: PLC0415
+    from tiktoken_ext.openai_public import r50k_pat_str  # noqa: PLC0415
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(folder, "vocab.bpe"),
+        encoder_json_file=os.path.join(folder, "encoder.json"),
+        vocab_bpe_hash=_GPT2_SHA256["vocab.bpe"], encoder_json_hash=_GPT2_SHA256["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=50257)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a space, with "..." if cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 class CharTokenizer:

@@ -49,15 +49,18 @@ def _load_cupy():
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
         raise BackendError(f"backend 'cupy' needs a CUDA GPU, but none could be used ({exc}); "
-                           "use --backend numpy") from None
+                           f"{_cpu_fix}") from None
     if n == 0:
-        raise BackendError("backend 'cupy' needs a CUDA GPU, but none was found; use --backend numpy")
+        raise BackendError(f"backend 'cupy' needs a CUDA GPU, but none was found; {_cpu_fix}")
     return cupy
+
+
+_cpu_fix = "use --backend numpy"   # how to run on the CPU instead, in the words of who asked
 
 
 def set_backend(name: str) -> None:
     """Select "numpy" (CPU) or "cupy" (GPU) for every array created from now on."""
-    global xp, _name, _cupy
+    global xp, _name, _cupy, env_error
     if name == "numpy":
         xp, _name = np, "numpy"
     elif name == "cupy":
@@ -65,6 +68,19 @@ def set_backend(name: str) -> None:
         _cupy = xp
     else:
         raise BackendError(f"unknown backend {name!r}; choose 'numpy' or 'cupy'")
+    env_error = None   # a backend chosen explicitly replaces a bad MINIGRAD_BACKEND
+
+
+class _Unusable:
+    """Stands in for `xp` when MINIGRAD_BACKEND names a backend that cannot be used: importing
+    still works (so `--help` does), and the first array op raises the error, one line naming the
+    variable and the fix (the CLI checks `env_error` before any command runs)."""
+
+    def __init__(self, error: BackendError):
+        self._error = error
+
+    def __getattr__(self, attr):
+        raise self._error
 
 
 def get_backend() -> str:
@@ -250,5 +266,28 @@ def tune_malloc() -> bool:
 
 
 # Environment override: MINIGRAD_BACKEND=cupy python chapters/05_train.py
-if os.environ.get("MINIGRAD_BACKEND", "numpy") != "numpy":
-    set_backend(os.environ["MINIGRAD_BACKEND"])
+env_error: BackendError | None = None   # why MINIGRAD_BACKEND could not be used, if it could not
+
+
+def _backend_from_env() -> None:
+    global xp, env_error, _cpu_fix
+    value = os.environ.get("MINIGRAD_BACKEND", "")
+    if value in ("", "numpy"):
+        return
+    if value not in ("numpy", "cupy"):
+        env_error = BackendError(f"MINIGRAD_BACKEND={value!r} is not a backend; set it to numpy (CPU) or "
+                                 "cupy (NVIDIA GPU), or unset it")
+    else:
+        _cpu_fix = "unset MINIGRAD_BACKEND (or set it to numpy) to run on the CPU"
+        try:
+            set_backend(value)
+        except BackendError as exc:
+            env_error = BackendError(f"MINIGRAD_BACKEND={value}: {exc}" + (
+                "" if "MINIGRAD_BACKEND" in str(exc) else "; or unset MINIGRAD_BACKEND to run on the CPU"))
+        finally:
+            _cpu_fix = "use --backend numpy"
+    if env_error is not None:
+        xp = _Unusable(env_error)
+
+
+_backend_from_env()

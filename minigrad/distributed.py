@@ -73,9 +73,11 @@ def default_timeout() -> float:
     try:
         timeout = float(value)
     except ValueError:
-        raise DistributedError(f"MINIGRAD_DIST_TIMEOUT must be a number of seconds, got {value!r}") from None
+        raise DistributedError(f"MINIGRAD_DIST_TIMEOUT must be a number of seconds, got {value!r}; set it "
+                               "to e.g. 600, or unset it for the default") from None
     if not timeout > 0:
-        raise DistributedError(f"MINIGRAD_DIST_TIMEOUT must be > 0 seconds, got {value!r}")
+        raise DistributedError(f"MINIGRAD_DIST_TIMEOUT must be > 0 seconds, got {value!r}; set it to e.g. "
+                               "600, or unset it for the default")
     return timeout
 
 

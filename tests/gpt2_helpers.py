@@ -47,6 +47,17 @@ def tokenizer_or_skip():
         pytest.skip(f"GPT-2 vocabulary not available offline (set TIKTOKEN_CACHE_DIR): {exc}")
 
 
+def named_text_or_skip(name: str):
+    """Path to a named text (verdict, shakespeare) without downloading -- the data folder or
+    $GPT2_DATA_MIRROR -- else skip."""
+    from gpt2.data import named_text_path
+
+    try:
+        return named_text_path(name, download=False)
+    except GPT2Error as exc:
+        pytest.skip(f"{name} not available offline: {exc}")
+
+
 def verdict_or_skip():
     """Path to The Verdict without downloading (data/, $GPT2_DATA or ../shared), else skip."""
     from gpt2.data import verdict_path

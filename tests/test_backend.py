@@ -116,10 +116,46 @@ def test_env_var_selects_backend():
 
 
 def test_bogus_env_var_fails_clearly():
-    bad = _run_python("import minigrad", MINIGRAD_BACKEND="bogus")
+    """A bad MINIGRAD_BACKEND does not break `import minigrad` (so `--help` works); the first
+    array op raises a BackendError naming the variable and the fix."""
+    bad = _run_python("import minigrad; minigrad.tensor([1.0])", MINIGRAD_BACKEND="bogus")
     assert bad.returncode != 0
     assert "BackendError" in bad.stderr
-    assert "unknown backend 'bogus'" in bad.stderr and "'numpy'" in bad.stderr
+    assert "MINIGRAD_BACKEND='bogus' is not a backend" in bad.stderr and "numpy" in bad.stderr
+    assert _run_python("import minigrad", MINIGRAD_BACKEND="bogus").returncode == 0
+
+
+@pytest.mark.parametrize("value, fragments", [
+    ("cuda", ["MINIGRAD_BACKEND='cuda' is not a backend", "numpy", "unset it"]),
+    ("cupy", ["MINIGRAD_BACKEND=cupy", "unset MINIGRAD_BACKEND"]),
+])
+def test_bad_env_backend_in_the_cli_is_one_line(tmp_path, value, fragments):
+    """`MINIGRAD_BACKEND=cupy` without a usable GPU (CuPy missing here: a broken import) or a
+    name that is no backend: --help still works; a command is one line, exit code 2."""
+    env = {**os.environ, "MINIGRAD_BACKEND": value, "PYTHONPATH": str(REPO)}
+    # no CuPy: a folder first on the path whose `cupy` cannot be imported
+    (tmp_path / "cupy.py").write_text("raise ImportError('no CuPy here')\n")
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{REPO}"
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "gpt2", *argv], cwd=REPO, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120, env=env)
+    assert run("--help").returncode == 0
+    res = run("generate", "--checkpoint", str(tmp_path), "--prompt", "Hi")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "--backend" not in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("value", ["soon", "-3", "0"])
+def test_bad_dist_timeout_in_the_cli_is_one_line(tmp_path, value):
+    env = {**os.environ, "MINIGRAD_DIST_TIMEOUT": value, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "gpt2", "train", "--out", str(tmp_path / "o")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: MINIGRAD_DIST_TIMEOUT") and "unset it" in lines[0]
 
 
 def test_no_init_draws_nothing_and_leaves_the_generator_alone():

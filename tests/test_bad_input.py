@@ -132,7 +132,7 @@ def test_data_shorter_than_one_window():
     (["--model", "gpt5"], ["--model", "invalid choice"]),
     (["--lr", "fast"], ["--lr", "invalid float"]),
     (["--epochs", "2.5"], ["--epochs", "invalid int"]),
-    (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--bogus"], ["train has no flag --bogus", "train --help"]),
     (["--grad-accum", "0"], ["--grad-accum", "positive"]),
     (["--grad-accum", "-2"], ["--grad-accum"]),
     (["--eval-iters", "0"], ["--eval-iter"]),
@@ -355,3 +355,195 @@ def test_train_on_a_damaged_prepared_dataset_is_one_line(tmp_path, files, capsys
     _one_error_line(capsys, ["train", "--data", str(ds), *TINY, "--out", str(tmp_path / "out")],
                     "val-00000.bin", "prepare the dataset again")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a newcomer's mistakes: unknown flags, nanoGPT's spellings, messages in the flags' words
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--steps", "3"], ["train has no flag --steps", "did you mean --max-steps",
+                                 "python -m gpt2 train --help"]),
+    (["generate", "--checkpoint", "x", "--prompt", "Hi", "--temprature", "0.5"],
+     ["generate has no flag --temprature", "did you mean --temperature", "generate --help"]),
+    (["prepare", "verdict", "--out", "x", "--tokeniser", "char"], ["did you mean --tokenizer"]),
+    (["eval", "--checkpoint", "x", "--data", "y", "--splits", "val"], ["did you mean --split"]),
+    (["train", "stray"], ["unexpected argument(s): stray", "train --help"]),
+])
+def test_unknown_flags_point_at_the_commands_help_with_a_suggestion(capsys, argv, fragments):
+    _one_error_line(capsys, argv, *fragments)
+
+
+def test_nanogpt_spellings_are_accepted(tmp_path, files, capsys):
+    """README promises nanoGPT's spellings: --n_layer=4, --max_steps, --max_iters, --block_size."""
+    from gpt2.cli.main import build_parser, normalize_argv
+
+    parser = build_parser()
+    argv = normalize_argv(parser, ["train", "--n_layer=4", "--n_head", "2", "--n_embd=16", "--max_steps", "7",
+                                   "--block_size=32", "--learning_rate", "0.001", "--sample-prompt=--x_y"])
+    args = parser.parse_args(argv)
+    assert (args.n_layers, args.n_heads, args.emb_dim, args.max_steps, args.context_length, args.lr) == \
+        (4, 2, 16, 7, 32, 0.001)
+    assert args.sample_prompt == "--x_y"   # a value, not a flag: left alone
+    assert parser.parse_args(normalize_argv(parser, ["train", "--max_iters=9"])).max_steps == 9
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--emb-dim", "60", "--n-heads", "7"], ["--emb-dim (60) must be divisible by --n-heads (7)"]),
+    (["--n-heads", "5"], ["--emb-dim (768) must be divisible by --n-heads (5)", "--model gpt2-124m"]),
+])
+def test_model_shape_errors_name_flags_not_fields(tmp_path, files, capsys, flags, fragments):
+    line = _one_error_line(capsys, ["train", "--data", str(files["story"]), "--out", str(tmp_path / "o"),
+                                    *flags], *fragments)
+    assert "emb_dim" not in line and "n_heads" not in line
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path, files, capsys):
+    tokenizer_or_skip()
+    _one_error_line(capsys, ["train", "--data", str(files["story"]), *TINY, "--out", str(tmp_path / "o"),
+                             "--max-steps", "3", "--warmup-steps", "10"],
+                    "--warmup-steps 10 is more than the run's 3 steps", "at most --warmup-steps 3")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing a user saved is deleted or replaced
+# ---------------------------------------------------------------------------------------------
+
+def test_keep_best_never_replaces_a_best_folder_that_is_not_ours(tmp_path, files, capsys):
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "my-notes.txt").write_text("keep")
+    for extra in ([], ["--overwrite"]):
+        _one_error_line(capsys, ["train", "--data", str(files["story"]), *TINY, "--out", str(out),
+                                 "--keep-best", *extra], str(out / "best"), "not a checkpoint")
+    assert (out / "best" / "my-notes.txt").read_text() == "keep"
+
+
+def test_train_overwrite_removes_only_the_runs_own_files(tmp_path, files, capsys):
+    tokenizer_or_skip()
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(files["story"]), *TINY, "--max-steps", "1", "--out", str(out),
+            "--no-progress", "--sample-prompt", ""]
+    assert main(argv) == 0
+    (out / "config.json").write_text('{"my": "settings"}')   # a file of the user's own, whatever its name
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.glob("ckpt-*")] == ["ckpt-000001"]
+
+
+def test_overwrite_keeps_the_users_files_in_a_dataset_folder(tmp_path, files, capsys):
+    out = tmp_path / "ds"
+    argv = ["prepare", str(files["story"]), "--tokenizer", "char", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "README.txt").write_text("my notes")
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "README.txt").read_text() == "my notes"
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged datasets: refused naming the file, with the fix, before the model sees them
+# ---------------------------------------------------------------------------------------------
+
+def _char_dataset(tmp_path, files):
+    ds = tmp_path / "ds"
+    assert main(["prepare", str(files["story"]), "--tokenizer", "char", "--no-progress", "--out",
+                 str(ds)]) == 0
+    return ds
+
+
+def test_ids_beyond_the_vocabulary_name_the_shard(tmp_path, files, capsys):
+    ds = _char_dataset(tmp_path, files)
+    shard = ds / "train-00000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[::7] = 60000
+    ids.tofile(shard)
+    _one_error_line(capsys, ["train", "--data", str(ds), *TINY, "--out", str(tmp_path / "out"), "--max-steps",
+                             "1"], str(shard), "beyond the dataset's vocabulary", "prepare the dataset again")
+
+
+def test_an_edited_manifest_is_refused_naming_the_file(tmp_path, files, capsys):
+    import json
+
+    ds = _char_dataset(tmp_path, files)
+    m = json.loads((ds / "manifest.json").read_text())
+    m["tokenizer"]["chars"] = m["tokenizer"]["chars"][:10]     # a shorter vocabulary than the ids use
+    m["vocab_size"] = 10
+    (ds / "manifest.json").write_text(json.dumps(m))
+    _one_error_line(capsys, ["train", "--data", str(ds), *TINY, "--out", str(tmp_path / "out"), "--max-steps",
+                             "1"], "train-00000.bin", "beyond the dataset's vocabulary of 10")
+    m["vocab_size"] = 11
+    (ds / "manifest.json").write_text(json.dumps(m))
+    _one_error_line(capsys, ["train", "--data", str(ds), *TINY, "--out", str(tmp_path / "out")],
+                    "manifest.json", "vocab_size 11", "prepare the dataset again")
+
+
+# ---------------------------------------------------------------------------------------------
+# environment variables and offline set-up
+# ---------------------------------------------------------------------------------------------
+
+def test_tokenizer_from_plain_vocab_files_and_a_clear_offline_error(tmp_path, monkeypatch):
+    """TIKTOKEN_CACHE_DIR may hold vocab.bpe and encoder.json under their own names; a folder
+    without them is one line naming both forms, not cut mid-word."""
+    from gpt2 import tokenizer as tk
+
+    real = tokenizer_or_skip()
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if not cache or not all((Path(cache) / h).is_file() for h in tk.TIKTOKEN_CACHE_FILES.values()):
+        pytest.skip("needs tiktoken's cache of the GPT-2 vocabulary in TIKTOKEN_CACHE_DIR")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name, hashed in tk.TIKTOKEN_CACHE_FILES.items():
+        (plain / name).write_bytes((Path(cache) / hashed).read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(plain))
+    tk.get_tokenizer.cache_clear()
+    try:
+        tok = tk.get_tokenizer()
+        text = "Hello, caf\u00e9 \U0001f600 <|endoftext|> world"
+        assert tok.encode(text) == real.encode(text) and tok.n_vocab == 50257
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty))
+        monkeypatch.setattr("tiktoken.registry.ENCODINGS", {})   # tiktoken's own cache of built encodings
+        monkeypatch.setattr("tiktoken.load.read_file",
+                            lambda *a, **k: (_ for _ in ()).throw(OSError("no network " + "word " * 80)))
+        tk.get_tokenizer.cache_clear()
+        with pytest.raises(GPT2Error) as info:
+            tk.get_tokenizer()
+        msg = str(info.value)
+        assert "vocab.bpe and encoder.json" in msg and "6d1cbeee" in msg
+        assert f"TIKTOKEN_CACHE_DIR={empty}" in msg
+        assert "word ..." in msg and "wor)" not in msg   # cut between words
+    finally:
+        tk.get_tokenizer.cache_clear()
+
+
+@pytest.mark.parametrize("env, fragments", [
+    ({"MINIGRAD_NUM_THREADS": "many"}, ["MINIGRAD_NUM_THREADS='many'", "unset it"]),
+    ({"GPT2_DATA": "/no/such/verdict.txt"}, ["GPT2_DATA=/no/such/verdict.txt is not a file", "unset"]),
+    ({"GPT2_DATA_MIRROR": "/no/such/mirror"}, ["GPT2_DATA_MIRROR=/no/such/mirror is not a folder"]),
+])
+def test_bad_environment_variables_are_one_line(tmp_path, env, fragments):
+    """In a real process (the thread count is read once per process)."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), "GPT2_DATA_DIR": str(tmp_path / "data"), **env}
+    res = subprocess.run([sys.executable, "-m", "gpt2", "train", *TINY, "--max-steps", "1", "--out",
+                          str(tmp_path / "o"), "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=full)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bench_shape_errors_name_flags(capsys):
+    _one_error_line(capsys, ["bench", "--emb-dim", "60", "--n-heads", "7"],
+                    "--emb-dim (60) must be divisible by --n-heads (7)")
+
+
+def test_version(capsys):
+    from gpt2.cli.flags import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"python -m gpt2 {version()}"

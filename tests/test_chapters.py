@@ -30,3 +30,19 @@ def test_chapter_runs(chapter, backend):
     assert result.returncode == 0, (f"{chapter} exited with {result.returncode}\n"
                                     f"--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
                                     f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("chapter", sorted(p.name for p in (REPO / "chapters").glob("[0-9]*.py")))
+def test_chapter_opens_as_a_notebook(chapter):
+    """README offers the chapters as notebooks through jupytext (the `notebooks` extra, in `dev`):
+    each `# %%` script becomes a valid notebook of several cells, markdown and code, and back."""
+    jupytext = pytest.importorskip("jupytext")
+    nbformat = pytest.importorskip("nbformat")
+    source = (REPO / "chapters" / chapter).read_text(encoding="utf-8")
+    nb = jupytext.reads(source, fmt="py:percent")
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds.count("code") >= 3, kinds
+    nbformat.validate(nbformat.reads(jupytext.writes(nb, fmt="ipynb"), as_version=4))
+    again = jupytext.reads(jupytext.writes(nb, fmt="py:percent"), fmt="py:percent")
+    code = "".join(c.source for c in again.cells if c.cell_type == "code")
+    assert code == "".join(c.source for c in nb.cells if c.cell_type == "code")

@@ -220,3 +220,62 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_every_command_in_the_readmes_parses():
+    """Each `python -m gpt2 ...` line in README.md and benchmarks/README.md names flags that exist
+    (after nanoGPT's spellings are read), so the docs cannot promise a flag the CLI refuses."""
+    import re
+    import shlex
+
+    from gpt2.cli.main import build_parser, normalize_argv
+
+    repo = Path(__file__).resolve().parent.parent
+    seen = 0
+    for doc in (repo / "README.md", repo / "benchmarks" / "README.md"):
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            m = re.search(r"(?:^|[\s|])python -m gpt2 (.*)$", line)
+            shown = "$ python" in line or "error:" in line    # a mistake and its message, shown as such
+            if m is None or "..." in m.group(1) or "`" in line or shown:   # (`: prose, not a code block)
+                continue
+            command = re.split(r"\s{3,}|\s{2}#|\s#\s", m.group(1))[0]   # (a comment or description)
+            argv = [a for a in shlex.split(command) if not a.startswith("[")]   # [optional] in a synopsis
+            if not argv or argv[0].isupper() or argv[0].startswith("-"):   # COMMAND --help, --version
+                continue
+            parser = build_parser()
+            try:
+                args, extras = parser.parse_known_args(normalize_argv(parser, argv))
+            except SystemExit as exc:
+                raise AssertionError(f"{doc.name}: `python -m gpt2 {command}` does not parse") from exc
+            assert not extras, f"{doc.name}: `python -m gpt2 {command}`: unknown {extras}"
+            seen += 1
+    assert seen > 30
+
+
+def test_train_on_a_prepared_dataset_labels_and_samples_what_it_trains(tmp_path, capsys):
+    """A custom shape is not called gpt2-124m's; the default sample prompt of a prepared dataset is
+    its own first line, not The Verdict's "Every effort moves you"."""
+    text = tmp_path / "play.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40)
+    assert main(["prepare", str(text), "--tokenizer", "char", "--out", str(tmp_path / "ds"),
+                 "--no-progress"]) == 0
+    assert main(["train", "--data", str(tmp_path / "ds"), "--n-layers", "1", "--n-heads", "2", "--emb-dim",
+                 "16", "--context-length", "16", "--max-steps", "2", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model: custom shape, 1 layers" in out and "gpt2-124m" not in out
+    assert "\nFirst Citizen:" in out and "Every effort" not in out
+
+
+def test_train_on_a_text_file_counts_its_tokens_once(tmp_path, capsys):
+    tok = tokenizer_or_skip()
+    text = "It had always been a cheap genius, though a good fellow enough. " * 30
+    (tmp_path / "story.txt").write_text(text)
+    assert main(["train", "--data", str(tmp_path / "story.txt"), "--n-layers", "1", "--n-heads", "2",
+                 "--emb-dim", "16", "--context-length", "16", "--max-steps", "1",
+                 "--out", str(tmp_path / "run"),
+                 "--no-progress", "--sample-prompt", ""]) == 0
+    out = capsys.readouterr().out
+    n_tokens = len(tok.encode(text))
+    assert f"{len(text):,} characters, {n_tokens:,} tokens; split 90/10 by characters: train " in out

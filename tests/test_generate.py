@@ -106,3 +106,53 @@ def test_bad_sampling_arguments(model, bad):
     args = dict(max_new_tokens=3) | bad
     with pytest.raises(GPT2Error):
         generate(model, PROMPT, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming: generate_stream yields generate's tokens one at a time; TextStream decodes them
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(use_cache=False), dict(temperature=1.3, seed=5), dict(temperature=0.8, top_k=5, seed=2),
+    dict(temperature=1.0, top_p=0.7, seed=11), dict(eos_id=7, temperature=1.5, seed=3),
+])
+def test_stream_yields_the_tokens_of_generate(model, kwargs):
+    from gpt2.generate import generate_stream
+
+    for prompt in (PROMPT[0], np.array([[1, 2, 3, 4], [5, 6, 7, 8]])):
+        full = generate(model, prompt, 20, **kwargs)      # 20 > context 12: the window slides too
+        streamed = list(generate_stream(model, prompt, 20, **kwargs))
+        if prompt.ndim == 1:
+            assert all(isinstance(t, int) for t in streamed)
+            assert full.tolist() == prompt.tolist() + streamed
+        else:
+            got = np.concatenate([prompt, np.stack(streamed, axis=1)], axis=1) if streamed else prompt
+            np.testing.assert_array_equal(full, got)
+
+
+def test_stream_is_lazy_and_stops_at_eos(model):
+    from gpt2.generate import generate_stream
+
+    first = int(generate(model, PROMPT[0], 1)[-1])
+    stream = generate_stream(model, PROMPT[0], 10**6)     # nothing computed until asked
+    assert next(stream) == first
+    assert list(generate_stream(model, PROMPT[0], 5, eos_id=first)) == []
+
+
+def test_text_stream_never_prints_half_a_character():
+    """GPT-2's BPE splits many emoji and CJK characters across tokens: the stream holds their
+    first bytes back until the character is whole; the pieces join to decode(ids)."""
+    from gpt2_helpers import ByteTokenizer, tokenizer_or_skip
+
+    from gpt2.generate import TextStream
+
+    text = "caf\u00e9 \U0001f600\u4e2d\u6587 ok \U0001f680!"
+    for tok in (ByteTokenizer(), tokenizer_or_skip()):
+        ids = tok.encode(text)
+        stream = TextStream(tok)
+        pieces = [stream.add(i) for i in ids] + [stream.end()]
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in p for p in pieces)
+        if tok.n_vocab == 256:   # bytes: the 4 bytes of the emoji give "", "", "", then the character
+            k = len("caf\u00e9 ".encode())
+            assert pieces[k:k + 4] == ["", "", "", "\U0001f600"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpt2_helpers import tokenizer_or_skip
+from gpt2_helpers import named_text_or_skip, tokenizer_or_skip
 
 from gpt2 import GPT2Error, data
 from gpt2 import prepare as prep
@@ -19,7 +19,11 @@ from gpt2.cli import main
 from gpt2.prepare import MANIFEST, prepare, read_chunks
 from gpt2.tokenizer import CharTokenizer, tokenizer_from_dict
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def _mirror() -> Path | None:
+    import os  # noqa: PLC0415
+
+    return Path(os.environ["GPT2_DATA_MIRROR"]) if os.environ.get("GPT2_DATA_MIRROR") else None
 
 # Whitespace runs, blank lines, trailing spaces, CRLF, tabs, multi-byte characters, and the special
 # token written out: the places where cutting text into chunks could change GPT-2's ids.
@@ -65,9 +69,7 @@ def test_gpt2_ids_in_chunks_equal_encoding_the_whole_text(tmp_path, chunk_bytes)
 
 def test_tiny_shakespeare_in_chunks_equals_whole(tmp_path):
     tok = tokenizer_or_skip()
-    path = SHARED / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip("Tiny Shakespeare is not available offline")
+    path = named_text_or_skip("shakespeare")   # the data folder or $GPT2_DATA_MIRROR, not only ../shared
     text = path.read_text(encoding="utf-8")
     prepare([path], tmp_path / "ds", progress=False, chunk_bytes=4096)
     assert _ids(tmp_path / "ds").tolist() == tok.encode(text)          # 338,025 ids
@@ -249,6 +251,83 @@ def test_named_texts_record_the_published_checksums():
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     assert data.NAMED_TEXTS["verdict"].sha256 == data.VERDICT_SHA256
     for name, named in data.NAMED_TEXTS.items():
-        copy = SHARED / named.filename
-        if copy.is_file():
+        copy = _mirror() / named.filename if _mirror() else None
+        if copy is not None and copy.is_file():
             assert data._sha256(copy.read_bytes()) == named.sha256, name
+
+
+def test_overwrite_removes_only_the_datasets_own_files(tmp_path):
+    """--overwrite replaces the old manifest and shards; the user's files in --out (even the
+    source being prepared) stay."""
+    out = tmp_path / "ds"
+    out.mkdir()
+    src = out / "input.txt"                       # nanoGPT's layout: the text inside the dataset folder
+    src.write_text("the source, kept\n" * 40)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(GPT2Error, match="not a prepared dataset"):
+        prepare([src], out, tokenizer="char", progress=False)
+    other = tmp_path / "ds2"
+    prepare([src], other, tokenizer="char", progress=False, shard_tokens=200)
+    (other / "input.txt").write_text("the source, kept\n" * 40)
+    (other / "notes.md").write_text("mine")
+    old = sorted(p.name for p in other.iterdir())
+    assert "train-00002.bin" in old
+    m = prepare([other / "input.txt"], other, tokenizer="char", progress=False, overwrite=True)
+    names = sorted(p.name for p in other.iterdir())
+    assert "input.txt" in names and "notes.md" in names
+    assert (other / "input.txt").read_text() == "the source, kept\n" * 40
+    assert (other / "notes.md").read_text() == "mine"
+    shards = {s["file"] for split in m["splits"].values() for s in split["shards"]}
+    assert set(names) == shards | {"input.txt", "notes.md", MANIFEST}   # the old extra shards are gone
+    assert not any(n.endswith(".tmp") or n.startswith(".") for n in names)
+
+
+def test_overwrite_refuses_a_shard_name_the_dataset_does_not_own(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("some text to prepare\n" * 40)
+    out = tmp_path / "ds"
+    prepare([src], out, tokenizer="char", progress=False)
+    (out / "train-00007.bin").write_bytes(b"someone else's")
+    with pytest.raises(GPT2Error, match="train-00007.bin"):
+        prepare([src], out, tokenizer="char", progress=False, overwrite=True)
+    assert (out / "train-00007.bin").read_bytes() == b"someone else's"
+    assert (out / MANIFEST).is_file()
+
+
+def test_prepared_files_get_the_usual_permissions(tmp_path):
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    src = tmp_path / "in.txt"
+    src.write_text("some text to prepare\n" * 40)
+    prepare([src], tmp_path / "ds", tokenizer="char", progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ds").stat().st_mode) == 0o777 & ~umask
+    for f in (tmp_path / "ds").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_a_data_mirror_that_is_not_a_folder_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_DATA_MIRROR", str(tmp_path / "nowhere"))
+    with pytest.raises(GPT2Error, match="GPT2_DATA_MIRROR=.*nowhere is not a folder"):
+        data.named_text_path("shakespeare", tmp_path / "data", download=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("GPT2_DATA_MIRROR", str(tmp_path / "empty"))
+    with pytest.raises(GPT2Error, match="GPT2_DATA_MIRROR=.*empty has no tinyshakespeare.txt"):
+        data.named_text_path("shakespeare", tmp_path / "data", download=False)
+
+
+def test_offline_message_names_the_mirror(tmp_path, fake_shakespeare):
+    with pytest.raises(GPT2Error, match="GPT2_DATA_MIRROR"):
+        data.named_text_path("shakespeare", tmp_path / "data", download=False)
+
+
+def test_a_downloaded_text_gets_the_usual_permissions(tmp_path, fake_shakespeare):
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    path = data.named_text_path("shakespeare", tmp_path / "data")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

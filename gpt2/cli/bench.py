@@ -43,6 +43,7 @@ from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
 from ..errors import GPT2Error
 from ..generate import generate
 from ..model import GPTModel
+from .flags import default_backend
 
 # ---------------------------------------------------------------------------------------------
 # what a step costs, on paper
@@ -292,8 +293,8 @@ def add_arguments(parser) -> None:
                         help="biases on the query/key/value projection (default: no)")
     parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
                         help="output head shares the token embedding (default: no)")
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                        help="numpy (CPU) or cupy (GPU)")
+    parser.add_argument("--backend", default=default_backend(), choices=["numpy", "cupy"],
+                        help="numpy (CPU) or cupy (GPU) (default: $MINIGRAD_BACKEND, else numpy)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
     parser.add_argument("--gen-tokens", type=int, default=100, help="tokens to generate (100)")
@@ -316,7 +317,12 @@ def settings_from_args(args) -> dict:
 def config_from_args(args) -> GPTConfig:
     settings = settings_from_args(args)
     settings.pop("batch_size")
-    return config_for(args.model, **settings)
+    try:
+        return config_for(args.model, **settings)
+    except GPT2Error as exc:   # the config's own check, in the words of the flags
+        from .train_flags import flag_words  # noqa: PLC0415
+
+        raise GPT2Error(flag_words(str(exc), args.model)) from None
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import minigrad as mg
 
@@ -38,3 +39,22 @@ def use_backend(name: str) -> None:
 def one_line(exc: BaseException) -> str:
     """An error's message on one line (a message may wrap), or its type if it has none."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def version() -> str:
+    """This package's version, as installed (pyproject.toml's), or "unknown" when run from a
+    checkout that was never installed."""
+    from importlib.metadata import PackageNotFoundError  # noqa: PLC0415
+    from importlib.metadata import version as _version  # noqa: PLC0415
+
+    try:
+        return _version("minigrad-gpt2")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def default_backend() -> str:
+    """The --backend a command uses when none is given: $MINIGRAD_BACKEND if it names one
+    (a bad value is reported by cli.main before the command runs), else numpy."""
+    value = os.environ.get("MINIGRAD_BACKEND", "")
+    return value if value in ("numpy", "cupy") else "numpy"

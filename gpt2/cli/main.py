@@ -1,4 +1,4 @@
-"""The command line: `python -m gpt2 prepare | train | generate | bench | selftest`.
+"""The command line: `python -m gpt2 prepare | train | generate | chat | eval | bench | selftest`.
 
 A thin layer over functions a user could call from Python: it parses flags, checks them, calls
 the library (gpt2.prepare, gpt2.train, gpt2.checkpoint, gpt2.generate, ...), and turns our own
@@ -6,7 +6,12 @@ errors (GPT2Error, minigrad's BackendError) into one line on stderr, `error: ...
 
 Here: the parser and `main`. Each command is a module of this package with `add_arguments(p)`
 and `run(args)`: prepare.py, train.py (its flags in train_flags.py, its run directory in
-run_saver.py, its ranks under mpiexec in ranks.py), generate.py, bench.py, selftest.py.
+run_saver.py, its ranks under mpiexec in ranks.py), generate.py, chat.py, eval.py, bench.py,
+selftest.py.
+
+Flags are forgiving where that is safe: nanoGPT's spellings work (`--n_layer=4` is `--n-layer 4`:
+underscores in a flag's name are read as hyphens), and an unknown flag is answered with the
+command's closest flags ("did you mean --max-steps?") and a pointer to that command's --help.
 
     python -m gpt2 train --out runs/verdict                       # the course run (chapter 05)
     python -m gpt2 train --resume runs/verdict                    # continue it after Ctrl-C or a crash
@@ -19,13 +24,16 @@ run_saver.py, its ranks under mpiexec in ranks.py), generate.py, bench.py, selft
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 import minigrad as mg
+from minigrad import distributed
 
 from ..errors import GPT2Error
-from . import bench, generate, prepare, selftest, train, train_flags
-from .flags import PROG, one_line
+from . import bench, chat, generate, prepare, selftest, train, train_flags
+from . import eval as eval_
+from .flags import PROG, one_line, version
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,8 +75,17 @@ COMMANDS = (
      "chapter 5): the 124M shape with context 256, dropout 0.1, no qkv bias and an untied output head, "
      "AdamW lr 4e-4 and weight decay 0.1, batch 2, 10 epochs, seed 123, on The Verdict."),
     ("generate", generate, generate.add_arguments, "continue a prompt with a trained model",
-     "Continue a prompt with a checkpoint from `train`, or with OpenAI's pretrained weights. "
-     "Temperature 0 is greedy decoding."),
+     "Continue a prompt with a checkpoint from `train`, or with OpenAI's pretrained weights; the tokens "
+     "are printed as they are made. Temperature 0 is greedy decoding."),
+    ("chat", chat, chat.add_arguments, "talk to a model, turn by turn",
+     "An interactive session with a checkpoint or OpenAI's weights: each line you type is answered. "
+     "A model whose tokenizer.json names a prompt template (e.g. \"prompt_template\": \"alpaca\") is "
+     "prompted with it and remembers the conversation; any other model continues your text. "
+     "/quit or end of input (Ctrl-D) ends it."),
+    ("eval", eval_, eval_.add_arguments, "loss, perplexity and bits per byte of a model on some text",
+     "Evaluate a checkpoint (or OpenAI's weights) on a UTF-8 text file or a prepared dataset's split: "
+     "the mean next-token loss in nats, its perplexity exp(loss), and bits per byte (total nats / "
+     "(ln 2 x UTF-8 bytes of the text)), which compares models with different tokenizers."),
     ("bench", bench, bench.add_arguments, "time training steps and generation", None),
     ("selftest", selftest, selftest.add_arguments, "check this machine's GPU (or CPU) end to end",
      "The acceptance run for a GPU: kernels against their NumPy twins, float64 gradient checks, a short "
@@ -80,7 +97,9 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; `parser.commands` maps each command's name to its subparser."""
     parser = _Parser(
-        prog=PROG, description="GPT-2 from scratch on minigrad: prepare data, train, generate, benchmark.")
+        prog=PROG, description="GPT-2 from scratch on minigrad: prepare data, train, generate, chat, "
+        "evaluate, benchmark.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{" + ",".join(c[0] for c in COMMANDS) + "}")
     parser.commands = {}
@@ -109,20 +128,86 @@ def given_flags(argv) -> set[str]:
     return {dest for dest, value in given.items() if value is not _NOT_GIVEN} - {"command"}
 
 
+def _command_of(parser, argv) -> str | None:
+    """The command named in `argv` (its first word that is one), or None."""
+    return next((a for a in argv if a in parser.commands), None)
+
+
+def _options(subparser) -> list[str]:
+    return [s for action in subparser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def normalize_argv(parser, argv: list[str]) -> list[str]:
+    """nanoGPT's spellings: `--n_layer=4` -> `--n-layer=4` (underscores in a flag's name become
+    hyphens when that names one of the command's flags). Values and everything after `--` stay."""
+    command = _command_of(parser, argv)
+    if command is None:
+        return argv
+    known = set(_options(parser.commands[command]))
+    out, after_dashes = [], False
+    for a in argv:
+        if a == "--":
+            after_dashes = True
+        if not after_dashes and a.startswith("--") and "_" in a.split("=", 1)[0]:
+            name, eq, value = a.partition("=")
+            hyphened = name.replace("_", "-")
+            if name not in known and hyphened in known:
+                a = hyphened + eq + value
+        out.append(a)
+    return out
+
+
+def _unknown_flags_error(parser, argv: list[str], extras: list[str]) -> str:
+    """One line for arguments no flag of the command takes: the closest flags, and its --help."""
+    command = _command_of(parser, argv)
+    where = f"{PROG} {command} --help" if command else f"{PROG} --help"
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    if not flags:
+        return f"error: unexpected argument(s): {' '.join(extras)} (see {where})"
+    options = _options(parser.commands[command]) if command else []
+    hints = []
+    for flag in flags:
+        name = flag.lstrip("-")
+        close = ["--" + c for c in difflib.get_close_matches(name, [o[2:] for o in options], n=2, cutoff=0.7)]
+        close += [o for o in options if len(name) > 3 and name in o and o not in close]
+        if close:
+            hints.append(f"did you mean {' or '.join(close[:2])}?")
+    what = f"{command} has no flag {', '.join(flags)}" if command else f"unknown flag {', '.join(flags)}"
+    return f"error: {what}{'; ' + ' '.join(hints) if hints else ''} (see {where})"
+
+
+def check_environment() -> None:
+    """The environment variables minigrad reads, checked before any command runs: a bad one is
+    the one-line error (exit code 2) naming it and the fix, not a traceback."""
+    if mg.backend.env_error is not None:
+        raise mg.backend.env_error
+    try:
+        distributed.default_timeout()
+        mg.parallel.num_threads()   # MINIGRAD_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS
+    except (distributed.DistributedError, ValueError) as exc:
+        raise GPT2Error(str(exc)) from None
+
+
 def main(argv=None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted by Ctrl-C, 143 by
     SIGTERM; an interrupted `train` first saves a checkpoint to resume from)."""
     mg.backend.tune_malloc()   # a training step's few GB of temporaries reused, not re-mapped each step
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    argv = normalize_argv(parser, argv)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
     except SystemExit as exc:   # --help (0) or an argparse error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if extras:
+        if distributed.launched_rank() == 0:   # under mpiexec rank 0 reports for all
+            print(_unknown_flags_error(parser, argv, extras), file=sys.stderr)
+        return 2
     args.given = given_flags(argv)
     try:
+        check_environment()
         return int(args.func(args) or 0)
-    except (GPT2Error, mg.BackendError) as exc:
+    except (GPT2Error, mg.BackendError, distributed.DistributedError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:

@@ -29,12 +29,26 @@ from ..run_dir import remove_leftovers, save_run_checkpoint
 BEST_DIR = "best"   # --keep-best: the best validation checkpoint, beside the numbered ones
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def check_best_dir(out: Path) -> None:
+    """--keep-best writes out/best: refuse if something there is not a checkpoint of ours."""
+    best = out / BEST_DIR
+    if (best.exists() or best.is_symlink()) and not (best.is_dir() and not best.is_symlink()
+                                                      and (best / MODEL_FILE).is_file()):
+        raise GPT2Error(f"{best} exists and is not a checkpoint written by --keep-best, which would replace "
+                        "it; move it away, choose another --out, or leave out --keep-best")
+
+
+def check_out_dir(out: Path, overwrite: bool, keep_best: bool = False) -> None:
     """Refuse to replace someone's checkpoint (checked before training, not after hours of it)."""
     if out.exists() and not out.is_dir():
         raise GPT2Error(f"--out {out} exists and is not a directory; choose another --out")
+    if keep_best:
+        check_best_dir(out)
     ours = [p.name for p in list_checkpoints(out)][-3:]
-    ours += [n for n in (*CHECKPOINT_FILES, LATEST_FILE, BEST_DIR, "loss.png") if (out / n).exists()]
+    single = (out / MODEL_FILE).is_file()   # a checkpoint saved straight into the folder
+    ours += [n for n in (*(CHECKPOINT_FILES if single else ()), LATEST_FILE, "loss.png")
+             if (out / n).exists()]
+    ours += [BEST_DIR] if (out / BEST_DIR / MODEL_FILE).is_file() else []
     if ours and not overwrite:
         resume = f"continue it with --resume {out}, " if is_run_dir(out) else ""
         raise GPT2Error(f"--out {out} already holds a checkpoint ({', '.join(ours)}); {resume}choose another "
@@ -45,8 +59,9 @@ def clear_out_dir(out: Path) -> None:
     """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
     if not out.is_dir():
         return
-    for n in (LATEST_FILE, *CHECKPOINT_FILES, "loss.png"):   # `latest` first: nothing points at a
-        (out / n).unlink(missing_ok=True)                     # half-deleted checkpoint
+    single = (out / MODEL_FILE).is_file()   # a checkpoint's files straight in the folder (else a
+    for n in (LATEST_FILE, *(CHECKPOINT_FILES if single else ()), "loss.png"):   # config.json is yours)
+        (out / n).unlink(missing_ok=True)   # `latest` first: nothing points at a half-deleted checkpoint
     for ckpt in list_checkpoints(out):
         shutil.rmtree(ckpt)
     if (out / BEST_DIR / MODEL_FILE).is_file():   # only a checkpoint of ours
@@ -141,6 +156,7 @@ class RunSaver:
         if math.isfinite(v) and (self.best_val_loss is None or v < self.best_val_loss):
             self.best_val_loss = v
             if self.comm.rank == 0:   # every rank has the same validation loss; rank 0 writes
+                check_best_dir(self.out)   # (something else may have appeared there since the start)
                 save_run_checkpoint(self.out, self.model, None, {"step": self.state.step, "val_loss": v},
                                     step=self.state.step, tokenizer=self.tokenizer, name=BEST_DIR)
 

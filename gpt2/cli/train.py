@@ -24,11 +24,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import minigrad as mg
 from minigrad import distributed
 
 from .. import checkpoint as ck
-from ..config import GPTConfig
+from ..config import GPTConfig, config_for
 from ..data import create_loaders, read_text, verdict_path
 from ..dataset import PreparedDataset
 from ..errors import GPT2Error
@@ -41,8 +43,22 @@ from ..train import train as run_training
 from ..train_extras import DEFAULT_MIN_LR_RATIO
 from . import ranks
 from .flags import PROG, use_backend
-from .run_saver import BEST_DIR, RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
-from .train_flags import check_args, config_from_args, loop_config_from_args, resumed_args
+from .run_saver import (
+    BEST_DIR,
+    RunSaver,
+    check_best_dir,
+    check_out_dir,
+    check_resume_out,
+    clear_out_dir,
+    run_dir_of,
+)
+from .train_flags import (
+    DEFAULT_SAMPLE_PROMPT,
+    check_args,
+    config_from_args,
+    loop_config_from_args,
+    resumed_args,
+)
 
 
 def run(args) -> int:
@@ -89,6 +105,10 @@ def _train(args, comm, setup: dict) -> int:
         model, optimizer, state, history = _resumed_model(args, comm, data, resume)
     cfg = loop_config_from_args(args, eval_final=data.prepared)
     steps = total_steps(data.train_loader, cfg)
+    if args.warmup_steps is not None and args.warmup_steps > steps:
+        raise GPT2Error(f"--warmup-steps {args.warmup_steps} is more than the run's {steps} steps, so the "
+                        f"learning rate would never reach --lr; use at most --warmup-steps {steps} (a tenth "
+                        "of the run is usual), or train longer (--max-steps, --epochs)")
     if comm.world_size > 1:
         comm, optimizer, cfg = _join_ranks(args, comm, setup, optimizer, cfg)
     _print_plan(args, comm, data, model, optimizer, steps, out)
@@ -153,9 +173,11 @@ def _check_before_training(args, comm, resume: _Resume | None) -> tuple[GPTConfi
     config = check_args(args, comm.world_size)
     out = Path(args.out)
     if resume is None:
-        check_out_dir(out, args.overwrite)
+        check_out_dir(out, args.overwrite, keep_best=args.keep_best)
     else:
         check_resume_out(out, resume.ckpt_dir, resume.trainer_state.get("step", 0))
+        if args.keep_best:
+            check_best_dir(out)
     use_backend(args.backend)
     distributed.select_device(comm)          # with --backend cupy: the GPU of this rank
     return config, out
@@ -190,16 +212,30 @@ def _load_data(args, comm, config: GPTConfig) -> _Data:
                           f"--batch-size {args.batch_size}: every rank needs its own windows)"
                           if comm.world_size > 1 else "")
             raise GPT2Error(f"{path}: {exc}{ranks_note}") from None
-        n_tokens = len(train_loader.dataset.ids) + len(val_loader.dataset.ids)
-        about = (f"{len(text):,} characters, {n_tokens:,} tokens; train {len(train_loader)} batches of "
-                 f"{global_batch}x{config.context_length}, val {len(val_loader)}")
+        n_train, n_val = len(train_loader.dataset.ids), len(val_loader.dataset.ids)
+        # (the halves, split by characters and tokenized apart, may have a token more than the whole)
+        about = (f"{len(text):,} characters, {len(tokenizer.encode(text)):,} tokens; split 90/10 by "
+                 f"characters: train {n_train:,} tokens in {len(train_loader)} batches of "
+                 f"{global_batch}x{config.context_length}, val {n_val:,} tokens in {len(val_loader)}")
         data = _Data(path, tokenizer, sha256, config, train_loader, val_loader, False, about)
+    if args.sample_prompt is None:   # the default: the book's prompt, or the data's own first line
+        args.sample_prompt = (_first_line(dataset) if data.prepared else DEFAULT_SAMPLE_PROMPT)
     if args.sample_prompt:
         try:
             tokenizer.encode(args.sample_prompt)
         except GPT2Error as exc:
             raise GPT2Error(f"--sample-prompt: {exc} (or --sample-prompt '' for no samples)") from None
     return data
+
+
+def _first_line(dataset) -> str:
+    """The first line of a prepared dataset's text (at most 64 tokens), the default sample prompt:
+    "First Citizen:" for Tiny Shakespeare."""
+    ids = np.asarray(dataset.shards["train"][0][:64])
+    ids = ids[ids < dataset.vocab_size]   # (damaged ids are reported, with the file, by the loader)
+    text = dataset.tokenizer.decode(ids)
+    line = text.split("\n", 1)[0].strip()
+    return (line or text.strip()) or DEFAULT_SAMPLE_PROMPT
 
 
 def _optimizer(model, args):
@@ -262,7 +298,10 @@ def _join_ranks(args, comm, setup: dict, optimizer, cfg: TrainConfig):
 
 def _print_plan(args, comm, data: _Data, model, optimizer, steps: int, out: Path) -> None:
     config = data.config
-    print(f"model: {args.model} shape, {config.n_layers} layers, {config.n_heads} heads, "
+    preset = config_for(args.model)
+    shape = (f"{args.model} shape" if (config.n_layers, config.n_heads, config.emb_dim) ==
+             (preset.n_layers, preset.n_heads, preset.emb_dim) else "custom shape")
+    print(f"model: {shape}, {config.n_layers} layers, {config.n_heads} heads, "
           f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
     print(f"data: {data.path} ({data.about})")
     min_lr = args.min_lr if args.min_lr is not None else args.lr * DEFAULT_MIN_LR_RATIO

@@ -9,12 +9,15 @@ same model, data and schedule to continue exactly. Only RESUME_MAY_CHANGE may di
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
 from ..errors import GPT2Error
 from ..train import TrainConfig
-from .flags import PROG, flag_name, require_finite, require_positive
+from .flags import PROG, default_backend, flag_name, require_finite, require_positive
+
+DEFAULT_SAMPLE_PROMPT = "Every effort moves you"   # The Verdict's first words, as in the book
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(MODEL_SIZES), default="gpt2-124m",
                    help="the GPT-2 shape (layers, heads, width); the flags below override parts of it")
     g = p.add_argument_group("model overrides")
-    g.add_argument("--context-length", type=int, default=COURSE["context_length"], metavar="N",
+    g.add_argument("--context-length", "--block-size", type=int, default=COURSE["context_length"],
+                   metavar="N",
                    help="tokens per training window (at most the size's 1024)")
     g.add_argument("--n-layers", "--n-layer", type=int, default=None, metavar="N", help="transformer blocks "
                    "(default: the --model size's)")
@@ -45,13 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the course run); gpt2 = GPT-2's normal(0, 0.02), better with warmup and a tied head")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
-    t.add_argument("--max-steps", type=int, default=None, metavar="N",
+    t.add_argument("--max-steps", "--max-iters", type=int, default=None, metavar="N",
                    help="stop after N optimizer steps (default: no limit)")
     t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step (per rank "
                    "under mpiexec: the global batch is ranks x N)")
     t.add_argument("--zero", type=int, choices=[0, 1], default=0, metavar="{0,1}",
                    help="1: shard AdamW's moments across the ranks (ZeRO-1; needs mpiexec -n 2 or more)")
-    t.add_argument("--lr", type=float, default=4e-4, metavar="X", help="AdamW learning rate (peak "
+    t.add_argument("--lr", "--learning-rate", type=float, default=4e-4, metavar="X",
+                   help="AdamW learning rate (peak "
                    "learning rate with --warmup-steps)")
     t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
                    help="AdamW decoupled weight decay (on every parameter as in the book, unless "
@@ -64,26 +69,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="accumulate the gradients of N batches per optimizer step (the same update as one "
                    "batch N times larger, in the memory of one)")
-    t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+    t.add_argument("--warmup-steps", "--warmup-iters", type=int, default=None, metavar="N",
                    help="linear warmup over N steps, then cosine decay reaching --min-lr at the run's last "
                    "step (default: constant lr)")
     t.add_argument("--min-lr", type=float, default=None, metavar="X",
                    help="learning rate at the end of the cosine decay (default: --lr / 10)")
     t.add_argument("--grad-clip", type=float, default=None, metavar="X",
                    help="clip the global gradient norm to X (default: no clipping)")
-    t.add_argument("--eval-every", type=int, default=5, metavar="N",
+    t.add_argument("--eval-every", "--eval-interval", type=int, default=5, metavar="N",
                    help="print train and val loss every N steps")
     t.add_argument("--eval-iter", "--eval-iters", type=int, default=5, metavar="N",
                    help="batches of each loader averaged per evaluation (random batches for a prepared "
                    "dataset)")
     t.add_argument("--keep-best", action="store_true",
                    help="also keep the checkpoint with the lowest validation loss so far, as --out/best")
-    t.add_argument("--sample-prompt", default="Every effort moves you", metavar="TEXT",
-                   help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip")
+    t.add_argument("--sample-prompt", default=None, metavar="TEXT",
+                   help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip (default: "
+                   f"\"{DEFAULT_SAMPLE_PROMPT}\" for a text file; the first line of a prepared dataset)")
     t.add_argument("--seed", type=int, default=123, metavar="N",
                    help="seed for weights, dropout and the shuffle order")
-    t.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="numpy (CPU) or cupy (NVIDIA GPU)")
+    t.add_argument("--backend", choices=["numpy", "cupy"], default=default_backend(),
+                   help="numpy (CPU) or cupy (NVIDIA GPU) (default: $MINIGRAD_BACKEND, else numpy)")
     t.add_argument("--out", metavar="DIR", default="runs/train",
                    help="run directory for the checkpoints (ckpt-<step>/, `latest`) and loss.png")
     t.add_argument("--overwrite", action="store_true",
@@ -122,7 +128,23 @@ def config_from_args(args, vocab_size: int | None = None) -> GPTConfig:
             overrides[flag] = getattr(args, flag)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    return config_for(args.model, **overrides)
+    try:
+        return config_for(args.model, **overrides)
+    except GPT2Error as exc:   # the config's own check, in the words of the flags
+        raise GPT2Error(flag_words(str(exc), args.model)) from None
+
+
+_FLAG_OF_FIELD = {"emb_dim": "--emb-dim", "n_heads": "--n-heads", "n_layers": "--n-layers",
+                  "context_length": "--context-length", "dropout": "--dropout", "vocab_size": "--vocab-size"}
+
+
+def flag_words(message: str, model: str) -> str:
+    """A GPTConfig message with its field names as the train flags that set them, e.g.
+    "--emb-dim (60) must be divisible by --n-heads (7)"."""
+    def flag(m):
+        return _FLAG_OF_FIELD[m.group(0)]
+    text = re.sub(r"\b(" + "|".join(_FLAG_OF_FIELD) + r")\b", flag, message)
+    return text + f" (--model {model} sets the sizes you do not give)" if "--" in text else text
 
 
 def loop_config_from_args(args, eval_final: bool) -> TrainConfig:
