@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--grad-clip", type=float, default=None, metavar="X",
                    help="clip the global gradient norm to X (default: no clipping)")
     t.add_argument("--eval-every", "--eval-interval", type=int, default=5, metavar="N",
-                   help="print train and val loss every N steps")
+                   help="print train and val loss every N steps (the log's Step 0 is the first step, as the "
+                   "book counts; checkpoint ckpt-N holds the weights after N steps)")
     t.add_argument("--eval-iter", "--eval-iters", type=int, default=5, metavar="N",
                    help="batches of each loader averaged per evaluation (random batches for a prepared "
                    "dataset)")
