@@ -65,7 +65,7 @@ def embedding(ids, weight: Tensor) -> Tensor:
     same token appearing twice gets the sum (a scatter-add, not an assignment):
       dL/dW[v] = sum over positions p with ids[p] = v of g[p]   (np.add.at(dW, ids, g))
     """
-    ids = _int_ids(ids)
+    ids = int_ids(ids)
     out = Tensor._make(weight.data[ids], (weight,))
     if out.requires_grad:
         def backward(g):
@@ -209,7 +209,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     xp = backend.xp
     V = logits.shape[-1]
     z = logits.data.reshape(-1, V)
-    t = _int_ids(targets).reshape(-1)
+    t = int_ids(targets).reshape(-1)
     if t.shape[0] != z.shape[0]:
         raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
     valid = t != ignore_index
@@ -313,7 +313,7 @@ def mse_loss(pred: Tensor, target) -> Tensor:
     return (d * d).mean()
 
 
-def _int_ids(ids):
+def int_ids(ids):
     """Integer indices as a backend array (accepts Tensors, NumPy/CuPy arrays and lists)."""
     if isinstance(ids, Tensor):
         ids = ids.data

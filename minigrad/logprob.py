@@ -11,6 +11,7 @@ overflows.
 from __future__ import annotations
 
 from . import backend
+from .functional import int_ids
 from .tensor import Tensor
 
 
@@ -52,7 +53,7 @@ def token_logprobs(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     xp = backend.xp
     V = logits.shape[-1]
     z = logits.data.reshape(-1, V)                                    # (N, V)
-    t = _int_targets(targets).reshape(-1)                             # (N,)
+    t = int_ids(targets).reshape(-1)                             # (N,)
     if t.shape[0] != z.shape[0]:
         raise ValueError(f"token_logprobs: {z.shape[0]} rows of logits but {t.shape[0]} targets")
     valid = t != ignore_index
@@ -91,7 +92,7 @@ def sequence_logprobs(logits: Tensor, targets, mask=None, average: bool = False,
     """
     lp = token_logprobs(logits, targets, ignore_index)                # (B, T)
     if mask is None:
-        weights = _int_targets(targets) != ignore_index
+        weights = int_ids(targets) != ignore_index
     else:
         weights = backend.asarray(mask.data if isinstance(mask, Tensor) else mask) != 0
     weights = weights.astype(lp.dtype)                                # (B, T) of 0 and 1
@@ -100,15 +101,6 @@ def sequence_logprobs(logits: Tensor, targets, mask=None, average: bool = False,
         return total
     counts = weights.sum(axis=-1)
     return total * Tensor(1.0 / backend.xp.maximum(counts, 1))
-
-
-def _int_targets(targets):
-    if isinstance(targets, Tensor):
-        targets = targets.data
-    arr = backend.asarray(targets)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"expected integer token ids as targets, got dtype {arr.dtype}")
-    return arr
 
 
 __all__ = ["logsigmoid", "sequence_logprobs", "token_logprobs"]

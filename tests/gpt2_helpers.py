@@ -77,3 +77,17 @@ def python_for(backend: str) -> list[str]:
     if backend == "cupy" and os.environ.get("MINIGRAD_TEST_CUPY", "standin") == "standin":
         return [sys.executable, str(STANDIN_RUN)]
     return [sys.executable]
+
+
+PLAY = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+        "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n") * 30
+
+
+def char_dataset(folder: Path) -> Path:
+    """A prepared character-level dataset of PLAY in `folder`/ds."""
+    from gpt2.prepare import prepare
+
+    src = folder / "play.txt"
+    src.write_text(PLAY, encoding="utf-8")
+    prepare([src], folder / "ds", tokenizer="char", progress=False)
+    return folder / "ds"

@@ -10,7 +10,7 @@ import signal
 
 import numpy as np
 import pytest
-from gpt2_helpers import ByteTokenizer, tiny_model, tokenizer_or_skip
+from gpt2_helpers import PLAY, ByteTokenizer, char_dataset, tiny_model, tokenizer_or_skip
 
 import gpt2.evaluate as evaluate_module
 import minigrad as mg
@@ -20,21 +20,17 @@ from gpt2.cli import main
 from gpt2.data import create_loaders
 from gpt2.dataset import PreparedDataset, RandomWindows, is_prepared_dataset
 from gpt2.evaluate import calc_loss_batch
-from gpt2.prepare import MANIFEST, prepare
+from gpt2.prepare import MANIFEST
 from gpt2.tokenizer import CharTokenizer
 from gpt2.train import make_optimizer, train
 from gpt2.train_extras import accumulate_gradients
 
-TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-        "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n") * 30
+TEXT = PLAY
 
 
 @pytest.fixture
 def char_ds(tmp_path):
-    src = tmp_path / "play.txt"
-    src.write_text(TEXT, encoding="utf-8")
-    prepare([src], tmp_path / "ds", tokenizer="char", progress=False)
-    return tmp_path / "ds"
+    return char_dataset(tmp_path)
 
 
 def test_dataset_opens_with_its_tokenizer(char_ds):

@@ -12,18 +12,16 @@ import math
 
 import numpy as np
 import pytest
-from gpt2_helpers import tiny_model
+from gpt2_helpers import PLAY, char_dataset, tiny_model
 
 import gpt2.evaluate as evaluate_module
 import gpt2.train_extras as extras_module
 from gpt2.cli import main
 from gpt2.dataset import PreparedDataset
-from gpt2.prepare import prepare
 from gpt2.train import make_optimizer, train
 from minigrad.optim import AdamW, WarmupCosine
 
-TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-        "JULIET: O Romeo, Romeo, wherefore art thou Romeo?\n") * 30
+TEXT = PLAY
 
 RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-length", "16", "--batch-size", "2",
        "--dropout", "0", "--eval-every", "100", "--eval-iters", "1", "--sample-prompt", "", "--no-progress",
@@ -32,10 +30,7 @@ RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-length", 
 
 @pytest.fixture
 def char_ds(tmp_path):
-    src = tmp_path / "play.txt"
-    src.write_text(TEXT, encoding="utf-8")
-    prepare([src], tmp_path / "ds", tokenizer="char", progress=False)
-    return tmp_path / "ds"
+    return char_dataset(tmp_path)
 
 
 @pytest.fixture
