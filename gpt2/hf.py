@@ -63,20 +63,12 @@ PREFIX = "transformer."
 HEAD = "lm_head.weight"
 
 # Per-block tensors: (our name suffix, HF name suffix, transposed?). "{i}" is the layer index.
-BLOCK_NAMES = [
-    ("ln1.weight", "ln_1.weight", False),
-    ("ln1.bias", "ln_1.bias", False),
-    ("attn.qkv.weight", "attn.c_attn.weight", True),
-    ("attn.qkv.bias", "attn.c_attn.bias", False),
-    ("attn.proj.weight", "attn.c_proj.weight", True),
-    ("attn.proj.bias", "attn.c_proj.bias", False),
-    ("ln2.weight", "ln_2.weight", False),
-    ("ln2.bias", "ln_2.bias", False),
-    ("mlp.fc.weight", "mlp.c_fc.weight", True),
-    ("mlp.fc.bias", "mlp.c_fc.bias", False),
-    ("mlp.proj.weight", "mlp.c_proj.weight", True),
-    ("mlp.proj.bias", "mlp.c_proj.bias", False),
-]
+# Each layer has a weight and a bias; the linear layers' weights are Conv1D's [in, out] in HF.
+BLOCK_NAMES = [(f"{ours}.{p}", f"{theirs}.{p}", linear and p == "weight")
+               for ours, theirs, linear in [("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                            ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                                            ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)]
+               for p in ("weight", "bias")]
 TOP_NAMES = [
     ("tok_emb.weight", "wte.weight", False),
     ("pos_emb.weight", "wpe.weight", False),

@@ -220,9 +220,10 @@ class History:
     @classmethod
     def from_dict(cls, d: dict) -> History:
         """From a saved history; ValueError names a field of the wrong kind."""
-        if not isinstance(d, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        h = cls(**{k: v for k, v in d.items() if k in known}) if isinstance(d, dict) else None
+        if h is None:
             raise ValueError("history must be a JSON object")
-        h = cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
         for name in ("steps", "epochs", "tokens_seen", "train_losses", "val_losses", "lrs"):
             v = getattr(h, name)
             if not (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
