@@ -370,10 +370,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             if keep is not None:
                 dS *= keep
                 dS *= drop_scale
-            dP_times_P = xp.multiply(dbuf, buf)
-            dbuf -= dP_times_P.sum(axis=axis, keepdims=True)
-            dbuf *= buf
-            dbuf *= scale
+            kernels.softmax_backward_(dbuf, buf, axis, scale)    # dS = P (dP - rowsum(dP P)) s
             if q.requires_grad:
                 q._accumulate(dS @ k.data)
             if k.requires_grad:

@@ -35,6 +35,17 @@ def _on_gpu() -> bool:
     return backend.get_backend() == "cupy"
 
 
+def _numba():
+    """The compiled CPU loops (`minigrad.cpu_kernels`) when they are in use, else None: on the
+    NumPy backend with Numba installed, unless switched off (`backend.set_cpu_kernels`). Imported
+    here, on first use, so that Numba is loaded only by those who run them."""
+    if backend.get_cpu_kernels() != "numba" or _on_gpu():
+        return None
+    from . import cpu_kernels  # noqa: PLC0415
+
+    return cpu_kernels
+
+
 # ---------------------------------------------------------------------------------------------
 # GELU
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +72,8 @@ def gelu_forward(x):
     """y = 0.5 x (1 + tanh(u)),  u = C x (1 + A x^2)  (= C (x + A x^3), one multiply fewer)."""
     if _on_gpu():
         return _cupy_kernels().gelu_forward(x)
+    if (jit := _numba()) is not None:
+        return jit.gelu_forward_saving(x, keep_tanh=False)[0]
     return _gelu_forward_numpy(x, keep_tanh=False)[0]
 
 
@@ -78,6 +91,8 @@ def gelu_forward_saving(x):
     """
     if _on_gpu():
         return _cupy_kernels().gelu_forward(x), None
+    if (jit := _numba()) is not None:
+        return jit.gelu_forward_saving(x, keep_tanh=True)
     return _gelu_forward_numpy(x, keep_tanh=True)
 
 
@@ -104,6 +119,8 @@ def gelu_backward(x, g, tanh_u=None):
     """
     if _on_gpu():
         return _cupy_kernels().gelu_backward(x, g)
+    if (jit := _numba()) is not None:
+        return jit.gelu_backward(x, g, tanh_u)
     xf, gf = x.reshape(-1), g.reshape(-1)
     tf = None if tanh_u is None else tanh_u.reshape(-1)
     dx = np.empty_like(xf)
@@ -143,11 +160,30 @@ def softmax(z, axis=-1, out=None):
     """
     if _on_gpu():
         return _cupy_kernels().softmax(z, axis, out)
+    if (jit := _numba()) is not None and (p := jit.softmax(z, axis, out)) is not None:
+        return p  # (other axes than the first and the last: the NumPy twin below)
     last = axis in (-1, z.ndim - 1)
     e = np.subtract(z, _row_max(z) if last else z.max(axis=axis, keepdims=True), out=out)
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
+
+
+def softmax_backward_(dP, P, axis, scale=1.0):
+    """In place: dP <- P * (dP - sum_axis(dP * P)) * scale, softmax's backward (dP = dL/dP, P the
+    softmax along `axis`) times a constant (attention's 1/sqrt(D)); returns dP.
+
+    From dP_i/dz_j = P_i (delta_ij - P_j): dL/dz_j = P_j (dL/dP_j - sum_i dL/dP_i P_i).
+    NumPy: four whole-array passes and one temporary of P's size. CuPy: the same operations.
+    """
+    if (jit := _numba()) is not None and jit.softmax_backward_(dP, P, axis, scale):
+        return dP
+    xp = backend.xp
+    dP_times_P = xp.multiply(dP, P)
+    dP -= dP_times_P.sum(axis=axis, keepdims=True)
+    dP *= P
+    dP *= scale
+    return dP
 
 
 SHORT_ROW = 64  # rows up to this length take their max through a transposed copy (`_row_max`)
@@ -175,6 +211,8 @@ def softmax_cross_entropy(z, t_safe, valid):
     the backward pass, which turns them into the gradient in place (`cross_entropy_grad_`).
     """
     xp = backend.xp
+    if (jit := _numba()) is not None:
+        return jit.softmax_cross_entropy(z, t_safe, valid)
     if _on_gpu():
         probs, m, sums = _cupy_kernels().exp_shifted_rows(z)
     else:
@@ -195,6 +233,8 @@ def cross_entropy_grad_(probs, t_safe, row_scale):
     if _on_gpu():
         _cupy_kernels().xent_grad(probs, t_safe, row_scale)
         return probs
+    if (jit := _numba()) is not None:
+        return jit.cross_entropy_grad_(probs, t_safe, row_scale)
     probs[xp.arange(probs.shape[0]), t_safe] -= 1.0
     probs *= row_scale[:, None]
     return probs
@@ -207,6 +247,8 @@ def cross_entropy_grad_(probs, t_safe, row_scale):
 def layer_norm_forward(x, weight, bias, eps):
     """-> (y, mean, rstd): y = (x - mean) * rstd * w + b, with mean and rstd of shape (..., 1)."""
     xp = backend.xp
+    if (jit := _numba()) is not None:
+        return jit.layer_norm_forward(x, weight, bias, eps)
     mean = x.mean(axis=-1, keepdims=True)
     if _on_gpu():
         var = _cupy_kernels().sq_dev_mean(x, mean)
@@ -235,6 +277,8 @@ def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
     C = x.shape[-1]
     if _on_gpu():
         return _cupy_kernels().layer_norm_backward(x, mean, rstd, weight, g, need_dx)
+    if (jit := _numba()) is not None:
+        return jit.layer_norm_backward(x, mean, rstd, weight, g, need_dx)
     xhat = np.subtract(x, mean)
     xhat *= rstd
     g2 = g.reshape(-1, C)
@@ -276,6 +320,11 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """
     if _on_gpu():
         _cupy_kernels().adamw(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+        return
+    if (jit := _numba()) is not None:
+        if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+            raise ValueError("adamw_update_ needs C-contiguous parameter and state arrays")
+        jit.adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
         return
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = math.sqrt(1 - beta2 ** step)

@@ -1,0 +1,393 @@
+"""Compiled CPU kernels (Numba): the hot loops of training as the per-element loops llm.c writes.
+
+`minigrad.kernels` has each hot formula twice: a NumPy "twin" (a chain of whole-array passes, each
+one NumPy call on one core) and a fused CuPy kernel for the GPU. This module is the third version,
+the CPU counterpart of the CuPy kernels: the same formula written once per element (or per row),
+compiled by Numba to machine code and spread over the cores with `prange`. One pass over memory
+instead of ten, no temporaries, and every core instead of one. Each loop below is the derivation of
+its op in code (`minigrad.functional` derives them in its docstrings).
+
+When they are used: on the NumPy backend, when Numba is installed, unless MINIGRAD_CPU_KERNELS=numpy
+(or `backend.set_cpu_kernels("numpy")`) asks for the NumPy twins; see `backend.get_cpu_kernels`.
+`minigrad.kernels` imports this module (and with it Numba, ~0.3 s) only then, on first use, so
+`import minigrad` stays fast and the CuPy path never loads it.
+
+Compilation. Each loop is compiled the first time it is called with a new dtype (float32 for
+training, float64 for gradient checks), and cached on disk (`cache=True`: in __pycache__ beside
+this file, or NUMBA_CACHE_DIR): later processes load the machine code instead of compiling it.
+benchmarks/README.md states what the first call costs, compiled and cached.
+
+Dtypes. A Python float literal is a float64 in Numba, so `x * 0.5` on a float32 x would be computed
+in float64. Every constant is therefore made with the array's own type (`T = x.dtype.type`,
+`T(0.5)`), or passed in as one: float32 arrays are computed in float32, as by the NumPy twins. The
+sums over a row (softmax's and cross-entropy's normaliser, layer norm's mean and variance, the dot
+products of the backward passes) are accumulated in float64: a scalar, so cheap, and no less
+accurate than NumPy's pairwise sums. Results agree with the twins to float32 rounding (the tests
+state the tolerances); AdamW's loop does the twin's operations in the twin's order.
+
+Threads: Numba's thread count follows `minigrad.parallel.num_threads()` (MINIGRAD_NUM_THREADS,
+OMP_NUM_THREADS, ..., else the cores), set before every call, so `parallel.set_num_threads` applies
+here too. The loops run between BLAS calls, never during one, so Numba's threads and OpenBLAS's
+take turns on the same cores instead of oversubscribing them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import parallel
+
+GELU_C = math.sqrt(2.0 / math.pi)  # the same constants as minigrad.kernels (which imports us)
+GELU_A = 0.044715
+
+_threads_set: int | None = None
+
+
+def _follow_thread_count() -> None:
+    """Numba's thread count := minigrad's (capped by the threads Numba started with)."""
+    global _threads_set
+    n = parallel.num_threads()
+    if n != _threads_set:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _threads_set = n
+
+
+# ---------------------------------------------------------------------------------------------
+# The loops. `prange` spreads the outer loop over the threads; everything else is plain code.
+# ---------------------------------------------------------------------------------------------
+
+@njit(inline="always", cache=True)
+def _tanh(u, one, two):
+    # tanh u = 1 - 2 / (e^2u + 1), for u >= 0; tanh(-u) = -tanh u. Numba's own tanh calls the C
+    # library once per element, ~10x slower than NumPy's vectorised tanh; exp is fast. Taking |u|
+    # keeps the result within half an ulp of +-1 in the tails (where GELU's backward computes
+    # 1 - tanh^2, and the forward 1 + tanh): the small term 2 / (e^2|u| + 1) is exact there, and
+    # e^2|u| = inf gives exactly 1, never inf / inf.
+    return math.copysign(one - two / (math.exp(two * abs(u)) + one), u)
+
+
+# --- GELU: y = 0.5 x (1 + tanh u),  u = C x (1 + A x^2) ------------------------------------
+@njit(parallel=True, cache=True)
+def _gelu_forward_loop(x, y, tanh_out, keep_tanh):
+    T = x.dtype.type
+    c, a, half, one, two = T(GELU_C), T(GELU_A), T(0.5), T(1), T(2)
+    for i in prange(x.size):
+        xi = x[i]
+        t = _tanh(c * xi * (one + a * xi * xi), one, two)
+        if keep_tanh:
+            tanh_out[i] = t
+        y[i] = half * xi * (one + t)
+
+
+# dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = C (1 + 3A x^2)
+@njit(parallel=True, cache=True)
+def _gelu_backward_loop(x, g, tanh_u, have_tanh, dx):
+    T = x.dtype.type
+    c, a, a3, half, one, two = T(GELU_C), T(GELU_A), T(3 * GELU_A), T(0.5), T(1), T(2)
+    for i in prange(x.size):
+        xi = x[i]
+        t = tanh_u[i] if have_tanh else _tanh(c * xi * (one + a * xi * xi), one, two)
+        du_dx = c * (one + a3 * xi * xi)
+        dx[i] = g[i] * half * ((one + t) + xi * (one - t * t) * du_dx)
+
+
+# --- softmax over each row of z (R, n): p_j = e^(z_j - max) / sum_k e^(z_k - max) ------------
+@njit(parallel=True, cache=True)
+def _softmax_rows_loop(z, out):
+    R, n = z.shape
+    for r in prange(R):
+        m = z[r, 0]
+        for j in range(1, n):
+            m = max(m, z[r, j])
+        total = 0.0                       # float64 accumulator
+        for j in range(n):
+            e = math.exp(z[r, j] - m)     # z - m <= 0: no overflow; masked -inf gives 0
+            out[r, j] = e
+            total += e
+        s = z.dtype.type(total)
+        for j in range(n):
+            out[r, j] /= s
+
+
+COLUMN_BLOCK = 64  # columns per task of the column loops: contiguous runs long enough to vectorise
+
+
+# the same along the first axis of z (n, M): attention's scores stored keys first
+@njit(parallel=True, cache=True)
+def _softmax_cols_loop(z, out):
+    n, M = z.shape
+    for b in prange((M + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        lo, hi = b * COLUMN_BLOCK, min(M, (b + 1) * COLUMN_BLOCK)
+        m = z[0, lo:hi].copy()
+        for k in range(1, n):
+            for j in range(lo, hi):
+                m[j - lo] = max(m[j - lo], z[k, j])
+        total = np.zeros(hi - lo)         # float64 accumulators
+        for k in range(n):
+            for j in range(lo, hi):
+                e = math.exp(z[k, j] - m[j - lo])
+                out[k, j] = e
+                total[j - lo] += e
+        s = total.astype(z.dtype)
+        for k in range(n):
+            for j in range(lo, hi):
+                out[k, j] /= s[j - lo]
+
+
+# softmax's backward, in place: dz_j = p_j (dp_j - sum_k dp_k p_k), times attention's scale
+@njit(parallel=True, cache=True)
+def _softmax_backward_rows_loop(d, p, scale):
+    R, n = d.shape
+    for r in prange(R):
+        dot = 0.0
+        for j in range(n):
+            dot += d[r, j] * p[r, j]
+        s = d.dtype.type(dot)
+        for j in range(n):
+            d[r, j] = p[r, j] * (d[r, j] - s) * scale
+
+
+@njit(parallel=True, cache=True)
+def _softmax_backward_cols_loop(d, p, scale):
+    n, M = d.shape
+    for b in prange((M + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        lo, hi = b * COLUMN_BLOCK, min(M, (b + 1) * COLUMN_BLOCK)
+        dot = np.zeros(hi - lo)
+        for k in range(n):
+            for j in range(lo, hi):
+                dot[j - lo] += d[k, j] * p[k, j]
+        s = dot.astype(d.dtype)
+        for k in range(n):
+            for j in range(lo, hi):
+                d[k, j] = p[k, j] * (d[k, j] - s[j - lo]) * scale
+
+
+# --- cross-entropy of each row: loss = log sum_j e^(z_j - m) - (z_t - m) ---------------------
+@njit(parallel=True, cache=True)
+def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
+    N, V = z.shape
+    for r in prange(N):
+        m = z[r, 0]
+        for j in range(1, V):
+            m = max(m, z[r, j])
+        total = 0.0
+        for j in range(V):
+            e = math.exp(z[r, j] - m)
+            probs[r, j] = e
+            total += e
+        s = z.dtype.type(total)
+        for j in range(V):
+            probs[r, j] /= s                       # kept for backward
+        losses[r] = (math.log(s) - (z[r, t[r]] - m)) if valid[r] else z.dtype.type(0)
+
+
+# its gradient, in place: (p_j - [j == t]) * scale_r  (scale_r = dL/dloss / count, or 0)
+@njit(parallel=True, cache=True)
+def _cross_entropy_grad_loop(probs, t, row_scale):
+    N, V = probs.shape
+    one = probs.dtype.type(1)
+    for r in prange(N):
+        s = row_scale[r]
+        p_target = probs[r, t[r]]
+        for j in range(V):
+            probs[r, j] *= s
+        probs[r, t[r]] = (p_target - one) * s
+
+
+# --- layer norm of each row: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps) ------
+@njit(parallel=True, cache=True)
+def _layer_norm_forward_loop(x, w, b, eps, y, mean_out, rstd_out):
+    N, C = x.shape
+    T = x.dtype.type
+    for r in prange(N):
+        total = 0.0
+        for c in range(C):
+            total += x[r, c]
+        mean = T(total / C)
+        sq = 0.0
+        for c in range(C):
+            d = x[r, c] - mean
+            sq += d * d
+        rstd = T(1.0 / math.sqrt(sq / C + eps))    # biased variance, as GPT-2
+        mean_out[r], rstd_out[r] = mean, rstd
+        for c in range(C):
+            y[r, c] = (x[r, c] - mean) * rstd * w[c] + b[c]
+
+
+# Backward, as llm.c's layernorm_backward. With xhat = (x - mean) rstd, dxhat = g w:
+#   dx = rstd (dxhat - mean_c(dxhat) - xhat mean_c(dxhat xhat)),
+#   dw = sum over rows of g xhat,   db = sum over rows of g.
+# dw and db are sums over all rows, which the threads cannot add into one array at once: each
+# piece of `rows_per_piece` rows adds into its own row of dw_parts / db_parts (summed after).
+@njit(parallel=True, cache=True)
+def _layer_norm_backward_loop(x, mean, rstd, w, g, need_dx, rows_per_piece, dx, dw_parts, db_parts):
+    N, C = x.shape
+    T = x.dtype.type
+    for piece in prange(dw_parts.shape[0]):
+        for r in range(piece * rows_per_piece, min(N, (piece + 1) * rows_per_piece)):
+            mu, rs = mean[r], rstd[r]
+            sum_dxhat, sum_dxhat_xhat = 0.0, 0.0
+            for c in range(C):
+                xhat = (x[r, c] - mu) * rs
+                dw_parts[piece, c] += g[r, c] * xhat
+                db_parts[piece, c] += g[r, c]
+                dxhat = g[r, c] * w[c]
+                sum_dxhat += dxhat
+                sum_dxhat_xhat += dxhat * xhat
+            if need_dx:
+                a, b = T(sum_dxhat / C), T(sum_dxhat_xhat / C)
+                for c in range(C):
+                    xhat = (x[r, c] - mu) * rs
+                    dx[r, c] = rs * (g[r, c] * w[c] - a - xhat * b)
+
+
+# --- AdamW, element by element (the same operations, in the same order, as the NumPy twin) ---
+@njit(parallel=True, cache=True)
+def _adamw_loop(w, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                bc2_sqrt):
+    for i in prange(w.size):
+        gi = g[i]
+        mi = m[i] * beta1 + gi * one_minus_beta1               # m = b1 m + (1 - b1) g
+        vi = v[i] * beta2 + gi * gi * one_minus_beta2          # v = b2 v + (1 - b2) g^2
+        m[i], v[i] = mi, vi
+        # w (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+        w[i] = w[i] * decay - mi / (math.sqrt(vi) / bc2_sqrt + eps) * step_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrappers: shapes, dtypes and output buffers in Python, the loops above in machine code.
+# Each takes and returns what its twin in `minigrad.kernels` does.
+# ---------------------------------------------------------------------------------------------
+
+def _flat(a):
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def gelu_forward_saving(x, keep_tanh=True):
+    """-> (y, tanh(u) or None), as `kernels.gelu_forward_saving` (keep_tanh=False: forward only)."""
+    xf = _flat(x)
+    y = np.empty_like(xf)
+    t = np.empty_like(xf) if keep_tanh else np.empty(0, dtype=xf.dtype)
+    _follow_thread_count()
+    _gelu_forward_loop(xf, y, t, keep_tanh)
+    return y.reshape(x.shape), (t.reshape(x.shape) if keep_tanh else None)
+
+
+def gelu_backward(x, g, tanh_u=None):
+    """dL/dx from x and g = dL/dy, reusing tanh(u) when given, as `kernels.gelu_backward`."""
+    xf, gf = _flat(x), _flat(g)
+    have = tanh_u is not None
+    tf = _flat(tanh_u) if have else np.empty(0, dtype=xf.dtype)
+    dx = np.empty_like(xf)
+    _follow_thread_count()
+    _gelu_backward_loop(xf, gf, tf, have, dx)
+    return dx.reshape(x.shape)
+
+
+def _rows_or_columns(z, axis):
+    """z as a 2-D view for a reduction along `axis`: ("rows", (R, n)) for the last axis, ("cols",
+    (n, M)) for the first; None for any other axis (the caller then uses the NumPy twin)."""
+    if not z.flags.c_contiguous or z.ndim == 0 or z.size == 0:
+        return None
+    axis = axis % z.ndim
+    if axis == z.ndim - 1:
+        return "rows", z.reshape(-1, z.shape[-1])
+    if axis == 0:
+        return "cols", z.reshape(z.shape[0], -1)
+    return None
+
+
+def softmax(z, axis, out):
+    """softmax along `axis` (the last or the first), or None if this layout is not covered here."""
+    view = _rows_or_columns(z, axis)
+    if view is None or (out is not None and out is not z and not out.flags.c_contiguous):
+        return None
+    if out is None:
+        out = np.empty_like(z)
+    kind, z2 = view
+    out2 = out.reshape(z2.shape)
+    _follow_thread_count()
+    (_softmax_rows_loop if kind == "rows" else _softmax_cols_loop)(z2, out2)
+    return out
+
+
+def softmax_backward_(dP, P, axis, scale):
+    """In place: dP <- P * (dP - sum_axis dP * P) * scale; False if this layout is not covered."""
+    view_d, view_p = _rows_or_columns(dP, axis), _rows_or_columns(P, axis)
+    if view_d is None or view_p is None or dP.shape != P.shape:
+        return False
+    kind, d2 = view_d
+    _follow_thread_count()
+    (_softmax_backward_rows_loop if kind == "rows" else _softmax_backward_cols_loop)(
+        d2, view_p[1], P.dtype.type(scale))
+    return True
+
+
+def softmax_cross_entropy(z, t_safe, valid):
+    """-> (losses (N,), probs (N, V)), as `kernels.softmax_cross_entropy`."""
+    z = np.ascontiguousarray(z)
+    probs = np.empty_like(z)
+    losses = np.empty(z.shape[0], dtype=z.dtype)
+    _follow_thread_count()
+    _softmax_cross_entropy_loop(z, t_safe.astype(np.int64, copy=False), valid, probs, losses)
+    return losses, probs
+
+
+def cross_entropy_grad_(probs, t_safe, row_scale):
+    """In place: probs (N, V) becomes (probs - onehot(t)) * row_scale[:, None]."""
+    _follow_thread_count()
+    _cross_entropy_grad_loop(probs, t_safe.astype(np.int64, copy=False),
+                             row_scale.astype(probs.dtype, copy=False))
+    return probs
+
+
+def _ones_or(w, C, dtype, fill):
+    return np.full(C, fill, dtype=dtype) if w is None else np.ascontiguousarray(w, dtype=dtype)
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    """-> (y, mean, rstd), mean and rstd of shape (..., 1), as `kernels.layer_norm_forward`."""
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    y = np.empty_like(x2)
+    mean = np.empty(x2.shape[0], dtype=x.dtype)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _follow_thread_count()
+    _layer_norm_forward_loop(x2, _ones_or(weight, C, x.dtype, 1), _ones_or(bias, C, x.dtype, 0),
+                             x.dtype.type(eps), y, mean, rstd)
+    stats = x.shape[:-1] + (1,)
+    return y.reshape(x.shape), mean.reshape(stats), rstd.reshape(stats)
+
+
+LN_ROWS_PER_PIECE = 32  # rows whose dw, db are summed together before the pieces are added up
+
+
+def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
+    """-> (dx, dw, db), as `kernels.layer_norm_backward` (None where not asked for)."""
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    g2 = np.ascontiguousarray(g, dtype=x.dtype).reshape(-1, C)
+    N = x2.shape[0]
+    pieces = max(1, -(-N // LN_ROWS_PER_PIECE))
+    dw_parts = np.zeros((pieces, C), dtype=x.dtype)
+    db_parts = np.zeros((pieces, C), dtype=x.dtype)
+    dx = np.empty_like(x2) if need_dx else np.empty((0, C), dtype=x.dtype)
+    _follow_thread_count()
+    _layer_norm_backward_loop(x2, _flat(mean), _flat(rstd), _ones_or(weight, C, x.dtype, 1), g2,
+                              need_dx, LN_ROWS_PER_PIECE, dx, dw_parts, db_parts)
+    dw = dw_parts.sum(axis=0) if weight is not None else None
+    return (dx.reshape(x.shape) if need_dx else None), dw, db_parts.sum(axis=0)
+
+
+def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step in place on w, m, v, as `kernels.adamw_update_` (contiguous w, m, v)."""
+    T = w.dtype.type
+    wf, mf, vf = w.reshape(-1), m.reshape(-1), v.reshape(-1)
+    gf = np.ascontiguousarray(g, dtype=w.dtype).reshape(-1)
+    _follow_thread_count()
+    _adamw_loop(wf, gf, mf, vf, T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(eps),
+                T(1 - lr * weight_decay), T(lr / (1 - beta1 ** step)), T(math.sqrt(1 - beta2 ** step)))
