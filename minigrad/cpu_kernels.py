@@ -37,7 +37,9 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from . import parallel
 
@@ -60,14 +62,78 @@ def _follow_thread_count() -> None:
 # The loops. `prange` spreads the outer loop over the threads; everything else is plain code.
 # ---------------------------------------------------------------------------------------------
 
+# --- e^x, vectorised -----------------------------------------------------------------------
+# Numba compiles math.exp to a call of the C library's exp, one element at a time: the loops
+# around it cannot use SIMD, and a float32 exp costs several ns, ~2x NumPy's vectorised one. So
+# float32 gets its own exp in plain arithmetic (Cephes' expf), which the compiler vectorises:
+#   e^x = 2^n e^r,  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2],
+# e^r from a degree-7 polynomial (within 1 ulp, tested), and 2^n built from its bits: the float
+# with exponent field n + 127 and a zero mantissa. ln 2 is split in two (LN2_HI has few bits, so
+# n * LN2_HI is exact) to keep r accurate. float64 (gradient checks) keeps math.exp.
+
+EXP_MAX, EXP_MIN = 88.37626, -87.33654   # beyond: inf (2^128 overflows) and 0 (below 2^-126)
+LOG2E = 1.4426950408889634
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+            5.0000001201e-1)  # e^r = 1 + r + r^2 (P[5] + r (P[4] + ...)): Cephes' expf
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose 32 bits are the int32 `bits` (a reinterpretation, no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", cache=True)
+def _exp_float32(x):
+    f = np.float32
+    xc = min(max(x, f(EXP_MIN)), f(EXP_MAX))
+    n = np.floor(xc * f(LOG2E) + f(0.5))              # a float32 holding an integer
+    r = xc - n * f(LN2_HI) - n * f(LN2_LO)
+    p = f(EXP_POLY[0])                                # Horner: P(r) = ((P0 r + P1) r + ...) + P5
+    p = p * r + f(EXP_POLY[1])
+    p = p * r + f(EXP_POLY[2])
+    p = p * r + f(EXP_POLY[3])
+    p = p * r + f(EXP_POLY[4])
+    p = p * r + f(EXP_POLY[5])
+    e = (p * r * r + r + f(1)) * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    e = f(0) if x < f(EXP_MIN) else e                 # (e^-inf = 0: masked attention scores)
+    e = f(np.inf) if x > f(EXP_MAX) else e
+    return x if x != x else e                         # NaN stays NaN (the NaN guard needs it)
+
+
+def _exp(x):
+    """e^x, compiled per dtype (`_exp_for`)."""
+    return math.exp(x)
+
+
+@overload(_exp, inline="always")
+def _exp_for(x):
+    if x == types.float32:
+        return lambda x: _exp_float32(x)
+    return lambda x: math.exp(x)
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _sum(a):
+    """sum of a 1-D array, accumulated in float64. `reassoc` lets the compiler add in several
+    lanes at once (SIMD); the flag applies to these additions only."""
+    total = 0.0
+    for i in range(a.size):
+        total += a[i]
+    return total
+
+
 @njit(inline="always", cache=True)
 def _tanh(u, one, two):
     # tanh u = 1 - 2 / (e^2u + 1), for u >= 0; tanh(-u) = -tanh u. Numba's own tanh calls the C
-    # library once per element, ~10x slower than NumPy's vectorised tanh; exp is fast. Taking |u|
+    # library once per element, ~10x slower than NumPy's vectorised tanh; _exp vectorises. Taking |u|
     # keeps the result within half an ulp of +-1 in the tails (where GELU's backward computes
     # 1 - tanh^2, and the forward 1 + tanh): the small term 2 / (e^2|u| + 1) is exact there, and
     # e^2|u| = inf gives exactly 1, never inf / inf.
-    return math.copysign(one - two / (math.exp(two * abs(u)) + one), u)
+    return math.copysign(one - two / (_exp(two * abs(u)) + one), u)
 
 
 # --- GELU: y = 0.5 x (1 + tanh u),  u = C x (1 + A x^2) ------------------------------------
@@ -103,39 +169,11 @@ def _softmax_rows_loop(z, out):
         m = z[r, 0]
         for j in range(1, n):
             m = max(m, z[r, j])
-        total = 0.0                       # float64 accumulator
         for j in range(n):
-            e = math.exp(z[r, j] - m)     # z - m <= 0: no overflow; masked -inf gives 0
-            out[r, j] = e
-            total += e
-        s = z.dtype.type(total)
+            out[r, j] = _exp(z[r, j] - m)  # z - m <= 0: no overflow; masked -inf gives 0
+        s = z.dtype.type(_sum(out[r]))
         for j in range(n):
             out[r, j] /= s
-
-
-COLUMN_BLOCK = 64  # columns per task of the column loops: contiguous runs long enough to vectorise
-
-
-# the same along the first axis of z (n, M): attention's scores stored keys first
-@njit(parallel=True, cache=True)
-def _softmax_cols_loop(z, out):
-    n, M = z.shape
-    for b in prange((M + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
-        lo, hi = b * COLUMN_BLOCK, min(M, (b + 1) * COLUMN_BLOCK)
-        m = z[0, lo:hi].copy()
-        for k in range(1, n):
-            for j in range(lo, hi):
-                m[j - lo] = max(m[j - lo], z[k, j])
-        total = np.zeros(hi - lo)         # float64 accumulators
-        for k in range(n):
-            for j in range(lo, hi):
-                e = math.exp(z[k, j] - m[j - lo])
-                out[k, j] = e
-                total[j - lo] += e
-        s = total.astype(z.dtype)
-        for k in range(n):
-            for j in range(lo, hi):
-                out[k, j] /= s[j - lo]
 
 
 # softmax's backward, in place: dz_j = p_j (dp_j - sum_k dp_k p_k), times attention's scale
@@ -151,21 +189,6 @@ def _softmax_backward_rows_loop(d, p, scale):
             d[r, j] = p[r, j] * (d[r, j] - s) * scale
 
 
-@njit(parallel=True, cache=True)
-def _softmax_backward_cols_loop(d, p, scale):
-    n, M = d.shape
-    for b in prange((M + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
-        lo, hi = b * COLUMN_BLOCK, min(M, (b + 1) * COLUMN_BLOCK)
-        dot = np.zeros(hi - lo)
-        for k in range(n):
-            for j in range(lo, hi):
-                dot[j - lo] += d[k, j] * p[k, j]
-        s = dot.astype(d.dtype)
-        for k in range(n):
-            for j in range(lo, hi):
-                d[k, j] = p[k, j] * (d[k, j] - s[j - lo]) * scale
-
-
 # --- cross-entropy of each row: loss = log sum_j e^(z_j - m) - (z_t - m) ---------------------
 @njit(parallel=True, cache=True)
 def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
@@ -174,12 +197,9 @@ def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
         m = z[r, 0]
         for j in range(1, V):
             m = max(m, z[r, j])
-        total = 0.0
         for j in range(V):
-            e = math.exp(z[r, j] - m)
-            probs[r, j] = e
-            total += e
-        s = z.dtype.type(total)
+            probs[r, j] = _exp(z[r, j] - m)
+        s = z.dtype.type(_sum(probs[r]))
         for j in range(V):
             probs[r, j] /= s                       # kept for backward
         losses[r] = (math.log(s) - (z[r, t[r]] - m)) if valid[r] else z.dtype.type(0)
@@ -288,42 +308,34 @@ def gelu_backward(x, g, tanh_u=None):
     return dx.reshape(x.shape)
 
 
-def _rows_or_columns(z, axis):
-    """z as a 2-D view for a reduction along `axis`: ("rows", (R, n)) for the last axis, ("cols",
-    (n, M)) for the first; None for any other axis (the caller then uses the NumPy twin)."""
-    if not z.flags.c_contiguous or z.ndim == 0 or z.size == 0:
+def _rows(z, axis):
+    """z as (R, n) rows for a reduction along `axis`, if that is its last axis and z is
+    contiguous; else None (the caller then uses the NumPy twin)."""
+    if not z.flags.c_contiguous or z.ndim == 0 or z.size == 0 or axis not in (-1, z.ndim - 1):
         return None
-    axis = axis % z.ndim
-    if axis == z.ndim - 1:
-        return "rows", z.reshape(-1, z.shape[-1])
-    if axis == 0:
-        return "cols", z.reshape(z.shape[0], -1)
-    return None
+    return z.reshape(-1, z.shape[-1])
 
 
 def softmax(z, axis, out):
-    """softmax along `axis` (the last or the first), or None if this layout is not covered here."""
-    view = _rows_or_columns(z, axis)
-    if view is None or (out is not None and out is not z and not out.flags.c_contiguous):
+    """softmax along the last axis, or None for another axis (not covered here)."""
+    z2 = _rows(z, axis)
+    if z2 is None or (out is not None and out is not z and not out.flags.c_contiguous):
         return None
     if out is None:
         out = np.empty_like(z)
-    kind, z2 = view
-    out2 = out.reshape(z2.shape)
     _follow_thread_count()
-    (_softmax_rows_loop if kind == "rows" else _softmax_cols_loop)(z2, out2)
+    _softmax_rows_loop(z2, out.reshape(z2.shape))
     return out
 
 
 def softmax_backward_(dP, P, axis, scale):
-    """In place: dP <- P * (dP - sum_axis dP * P) * scale; False if this layout is not covered."""
-    view_d, view_p = _rows_or_columns(dP, axis), _rows_or_columns(P, axis)
-    if view_d is None or view_p is None or dP.shape != P.shape:
+    """In place: dP <- P * (dP - sum_axis dP * P) * scale along the last axis; False for
+    another axis (not covered here)."""
+    d2, p2 = _rows(dP, axis), _rows(P, axis)
+    if d2 is None or p2 is None or dP.shape != P.shape:
         return False
-    kind, d2 = view_d
     _follow_thread_count()
-    (_softmax_backward_rows_loop if kind == "rows" else _softmax_backward_cols_loop)(
-        d2, view_p[1], P.dtype.type(scale))
+    _softmax_backward_rows_loop(d2, p2, P.dtype.type(scale))
     return True
 
 

@@ -286,8 +286,10 @@ def _causal_bias_keys_first(Tq: int, Tk: int, n: int, dtype):
 
 def _scores_keys_first(rows: int, Tk: int) -> bool:
     """Store attention scores keys first when there are many rows (queries x batch x heads) for
-    their length Tk; see `scaled_dot_product_attention`."""
-    return rows >= 2 * Tk
+    their length Tk; see `scaled_dot_product_attention`. Not with compiled row loops
+    (`kernels.row_loops_compiled`), which pay nothing per row: the copies into that layout
+    would then be pure cost."""
+    return rows >= 2 * Tk and not kernels.row_loops_compiled()
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,

@@ -46,6 +46,12 @@ def _numba():
     return cpu_kernels
 
 
+def row_loops_compiled() -> bool:
+    """Do row-wise reductions (softmax over the last axis) run as compiled loops, at no cost per
+    row? Then attention keeps its scores (..., Tq, Tk); see `_scores_keys_first` in functional."""
+    return _numba() is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # GELU
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +167,7 @@ def softmax(z, axis=-1, out=None):
     if _on_gpu():
         return _cupy_kernels().softmax(z, axis, out)
     if (jit := _numba()) is not None and (p := jit.softmax(z, axis, out)) is not None:
-        return p  # (other axes than the first and the last: the NumPy twin below)
+        return p  # (along another axis than the last: the NumPy twin below)
     last = axis in (-1, z.ndim - 1)
     e = np.subtract(z, _row_max(z) if last else z.max(axis=axis, keepdims=True), out=out)
     np.exp(e, out=e)
