@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -42,6 +44,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import parallel
+
+# Numba's "workqueue" threads sleep between loops, where its OpenMP threads spin for a while
+# after each one, taking the core from OpenBLAS's threads (which spin too) and from the main
+# thread. On a 2-core machine shared with other jobs, whole fwd+bwd ops ran 3-20x slower with
+# OpenMP than with the workqueue. Workqueue cannot run two loops at once from two threads; ours
+# never release the GIL, so two never run at once. NUMBA_THREADING_LAYER chooses otherwise.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the same constants as minigrad.kernels (which imports us)
 GELU_A = 0.044715
@@ -116,14 +126,59 @@ def _exp_for(x):
     return lambda x: math.exp(x)
 
 
+# --- reductions over one row ---------------------------------------------------------------
+# A sum is a chain: each addition waits for the one before (~4 cycles), one element at a time.
+# `fastmath={"reassoc"}` lets the compiler keep several partial sums in SIMD lanes and add them at
+# the end (a different order of additions, so the last bits may differ from NumPy's pairwise sum).
+# The flags apply to the instructions of these helpers only, not to the loops that call them.
+# Accumulated in float64.
+
 @njit(fastmath={"reassoc"}, cache=True)
 def _sum(a):
-    """sum of a 1-D array, accumulated in float64. `reassoc` lets the compiler add in several
-    lanes at once (SIMD); the flag applies to these additions only."""
+    """sum_i a_i"""
     total = 0.0
     for i in range(a.size):
         total += a[i]
     return total
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _dot(a, b):
+    """sum_i a_i b_i"""
+    total = 0.0
+    for i in range(a.size):
+        total += a[i] * b[i]
+    return total
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _sum_sq_dev(a, mean):
+    """sum_i (a_i - mean)^2"""
+    total = 0.0
+    for i in range(a.size):
+        d = a[i] - mean
+        total += d * d
+    return total
+
+
+@njit(fastmath={"reassoc"}, cache=True)
+def _dot_centered(g, w, x, mean):
+    """sum_i g_i w_i (x_i - mean)"""
+    total = 0.0
+    for i in range(g.size):
+        total += g[i] * w[i] * (x[i] - mean)
+    return total
+
+
+@njit(fastmath={"nnan", "nsz"}, cache=True)
+def _max(a):
+    """max_i a_i. A maximum is exact in any order, but the compiler may only take it in SIMD lanes
+    if it may ignore NaNs and the sign of zero (`nnan`, `nsz`): a NaN in the row is then not
+    guaranteed to be the maximum, but it reaches the softmax's sum, and every output, anyway."""
+    m = a[0]
+    for i in range(1, a.size):
+        m = a[i] if a[i] > m else m
+    return m
 
 
 @njit(inline="always", cache=True)
@@ -161,19 +216,19 @@ def _gelu_backward_loop(x, g, tanh_u, have_tanh, dx):
         dx[i] = g[i] * half * ((one + t) + xi * (one - t * t) * du_dx)
 
 
-# --- softmax over each row of z (R, n): p_j = e^(z_j - max) / sum_k e^(z_k - max) ------------
+# --- softmax over each row of a (R, n), in place: p_j = e^(a_j - max) / sum_k e^(a_k - max) ---
+# (In place on one array: with two, the compiler cannot rule out that they overlap when they are
+# the same buffer, attention's case, and falls back to one element at a time, ~4x slower.)
 @njit(parallel=True, cache=True)
-def _softmax_rows_loop(z, out):
-    R, n = z.shape
+def _softmax_rows_loop(a):
+    R, n = a.shape
     for r in prange(R):
-        m = z[r, 0]
-        for j in range(1, n):
-            m = max(m, z[r, j])
+        m = _max(a[r])
         for j in range(n):
-            out[r, j] = _exp(z[r, j] - m)  # z - m <= 0: no overflow; masked -inf gives 0
-        s = z.dtype.type(_sum(out[r]))
+            a[r, j] = _exp(a[r, j] - m)  # a - m <= 0: no overflow; masked -inf gives 0
+        s = a.dtype.type(_sum(a[r]))
         for j in range(n):
-            out[r, j] /= s
+            a[r, j] /= s
 
 
 # softmax's backward, in place: dz_j = p_j (dp_j - sum_k dp_k p_k), times attention's scale
@@ -181,10 +236,7 @@ def _softmax_rows_loop(z, out):
 def _softmax_backward_rows_loop(d, p, scale):
     R, n = d.shape
     for r in prange(R):
-        dot = 0.0
-        for j in range(n):
-            dot += d[r, j] * p[r, j]
-        s = d.dtype.type(dot)
+        s = d.dtype.type(_dot(d[r], p[r]))
         for j in range(n):
             d[r, j] = p[r, j] * (d[r, j] - s) * scale
 
@@ -194,9 +246,7 @@ def _softmax_backward_rows_loop(d, p, scale):
 def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
     N, V = z.shape
     for r in prange(N):
-        m = z[r, 0]
-        for j in range(1, V):
-            m = max(m, z[r, j])
+        m = _max(z[r])
         for j in range(V):
             probs[r, j] = _exp(z[r, j] - m)
         s = z.dtype.type(_sum(probs[r]))
@@ -224,15 +274,8 @@ def _layer_norm_forward_loop(x, w, b, eps, y, mean_out, rstd_out):
     N, C = x.shape
     T = x.dtype.type
     for r in prange(N):
-        total = 0.0
-        for c in range(C):
-            total += x[r, c]
-        mean = T(total / C)
-        sq = 0.0
-        for c in range(C):
-            d = x[r, c] - mean
-            sq += d * d
-        rstd = T(1.0 / math.sqrt(sq / C + eps))    # biased variance, as GPT-2
+        mean = T(_sum(x[r]) / C)
+        rstd = T(1.0 / math.sqrt(_sum_sq_dev(x[r], mean) / C + eps))    # biased variance, as GPT-2
         mean_out[r], rstd_out[r] = mean, rstd
         for c in range(C):
             y[r, c] = (x[r, c] - mean) * rstd * w[c] + b[c]
@@ -250,16 +293,13 @@ def _layer_norm_backward_loop(x, mean, rstd, w, g, need_dx, rows_per_piece, dx, 
     for piece in prange(dw_parts.shape[0]):
         for r in range(piece * rows_per_piece, min(N, (piece + 1) * rows_per_piece)):
             mu, rs = mean[r], rstd[r]
-            sum_dxhat, sum_dxhat_xhat = 0.0, 0.0
             for c in range(C):
-                xhat = (x[r, c] - mu) * rs
-                dw_parts[piece, c] += g[r, c] * xhat
+                dw_parts[piece, c] += g[r, c] * ((x[r, c] - mu) * rs)
                 db_parts[piece, c] += g[r, c]
-                dxhat = g[r, c] * w[c]
-                sum_dxhat += dxhat
-                sum_dxhat_xhat += dxhat * xhat
             if need_dx:
-                a, b = T(sum_dxhat / C), T(sum_dxhat_xhat / C)
+                # a = mean_c(dxhat), b = mean_c(dxhat xhat), with dxhat = g w, xhat = (x - mu) rs
+                a = T(_dot(g[r], w) / C)
+                b = T(_dot_centered(g[r], w, x[r], mu) * rs / C)
                 for c in range(C):
                     xhat = (x[r, c] - mu) * rs
                     dx[r, c] = rs * (g[r, c] * w[c] - a - xhat * b)
@@ -322,9 +362,11 @@ def softmax(z, axis, out):
     if z2 is None or (out is not None and out is not z and not out.flags.c_contiguous):
         return None
     if out is None:
-        out = np.empty_like(z)
+        out = z.copy()
+    elif out is not z:
+        np.copyto(out, z)
     _follow_thread_count()
-    _softmax_rows_loop(z2, out.reshape(z2.shape))
+    _softmax_rows_loop(out.reshape(z2.shape))
     return out
 
 
