@@ -34,7 +34,6 @@ take turns on the same cores instead of oversubscribing them.
 from __future__ import annotations
 
 import math
-
 import os
 
 import numba

@@ -214,6 +214,8 @@ def test_numba_is_used_by_default_where_installed():
     assert kernels._numba() is not None or os.environ.get("MINIGRAD_CPU_KERNELS") == "numpy"
     with backend.cpu_kernels("auto"):
         assert backend.get_cpu_kernels() == "numba"
+        # rows cost nothing extra in the loops: attention's scores stay (..., Tq, Tk)
+        assert kernels.row_loops_compiled() and not F._scores_keys_first(12 * 4 * 64, 64)
 
 
 def _run(code, **env):
