@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import types as types_
 
 import numba
 import numpy as np
@@ -70,6 +71,35 @@ def _follow_thread_count() -> None:
 # ---------------------------------------------------------------------------------------------
 # The loops. `prange` spreads the outer loop over the threads; everything else is plain code.
 # ---------------------------------------------------------------------------------------------
+
+# --- each loop compiled twice --------------------------------------------------------------
+
+PARALLEL_MIN = 1 << 17  # elements of work at least, for a loop to be spread over the threads
+
+
+class _Loop:
+    """A loop compiled twice: spread over the threads (`prange`), and on the calling thread alone
+    (where `prange` is `range`). Waking the other threads costs far more than a serial call's ~2
+    µs: ~100-250 µs per call on this 2-core VM while it was busy with other jobs. So work under
+    PARALLEL_MIN elements (layer norm's rows at nanoGPT's Shakespeare size, every AdamW parameter
+    there) runs serially, and larger work (GELU's activations, attention's scores, everything at
+    GPT-2 124M) in parallel. `loop(work, *args)` picks one, for `work` elements."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.parallel = njit(parallel=True, cache=True)(fn)
+        serial = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        serial.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in the disk cache
+        self.serial = njit(cache=True)(serial)
+
+    def __call__(self, work, *args):
+        _follow_thread_count()
+        use_threads = work >= PARALLEL_MIN and _threads_set > 1
+        return (self.parallel if use_threads else self.serial)(*args)
+
+
+_loop = _Loop
+
 
 # --- e^x, vectorised -----------------------------------------------------------------------
 # Numba compiles math.exp to a call of the C library's exp, one element at a time: the loops
@@ -191,7 +221,7 @@ def _tanh(u, one, two):
 
 
 # --- GELU: y = 0.5 x (1 + tanh u),  u = C x (1 + A x^2) ------------------------------------
-@njit(parallel=True, cache=True)
+@_loop
 def _gelu_forward_loop(x, y, tanh_out, keep_tanh):
     T = x.dtype.type
     c, a, half, one, two = T(GELU_C), T(GELU_A), T(0.5), T(1), T(2)
@@ -204,7 +234,7 @@ def _gelu_forward_loop(x, y, tanh_out, keep_tanh):
 
 
 # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = C (1 + 3A x^2)
-@njit(parallel=True, cache=True)
+@_loop
 def _gelu_backward_loop(x, g, tanh_u, have_tanh, dx):
     T = x.dtype.type
     c, a, a3, half, one, two = T(GELU_C), T(GELU_A), T(3 * GELU_A), T(0.5), T(1), T(2)
@@ -218,7 +248,7 @@ def _gelu_backward_loop(x, g, tanh_u, have_tanh, dx):
 # --- softmax over each row of a (R, n), in place: p_j = e^(a_j - max) / sum_k e^(a_k - max) ---
 # (In place on one array: with two, the compiler cannot rule out that they overlap when they are
 # the same buffer, attention's case, and falls back to one element at a time, ~4x slower.)
-@njit(parallel=True, cache=True)
+@_loop
 def _softmax_rows_loop(a):
     R, n = a.shape
     for r in prange(R):
@@ -230,8 +260,30 @@ def _softmax_rows_loop(a):
             a[r, j] /= s
 
 
+# attention's: scores scaled, masked where mask[i, j] (query i may not see key j), then softmax
+@_loop
+def _scaled_masked_softmax_rows_loop(a, scale, mask, has_mask):
+    R, n = a.shape
+    Tq = mask.shape[0]
+    minus_inf = a.dtype.type(-np.inf)
+    for r in prange(R):
+        if has_mask:
+            i = r % Tq                               # the query of row r (rows: ..., Tq)
+            for j in range(n):
+                a[r, j] = minus_inf if mask[i, j] else a[r, j] * scale
+        else:
+            for j in range(n):
+                a[r, j] *= scale
+        m = _max(a[r])
+        for j in range(n):
+            a[r, j] = _exp(a[r, j] - m)
+        s = a.dtype.type(_sum(a[r]))
+        for j in range(n):
+            a[r, j] /= s
+
+
 # softmax's backward, in place: dz_j = p_j (dp_j - sum_k dp_k p_k), times attention's scale
-@njit(parallel=True, cache=True)
+@_loop
 def _softmax_backward_rows_loop(d, p, scale):
     R, n = d.shape
     for r in prange(R):
@@ -241,7 +293,7 @@ def _softmax_backward_rows_loop(d, p, scale):
 
 
 # --- cross-entropy of each row: loss = log sum_j e^(z_j - m) - (z_t - m) ---------------------
-@njit(parallel=True, cache=True)
+@_loop
 def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
     N, V = z.shape
     for r in prange(N):
@@ -255,7 +307,7 @@ def _softmax_cross_entropy_loop(z, t, valid, probs, losses):
 
 
 # its gradient, in place: (p_j - [j == t]) * scale_r  (scale_r = dL/dloss / count, or 0)
-@njit(parallel=True, cache=True)
+@_loop
 def _cross_entropy_grad_loop(probs, t, row_scale):
     N, V = probs.shape
     one = probs.dtype.type(1)
@@ -268,7 +320,7 @@ def _cross_entropy_grad_loop(probs, t, row_scale):
 
 
 # --- layer norm of each row: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps) ------
-@njit(parallel=True, cache=True)
+@_loop
 def _layer_norm_forward_loop(x, w, b, eps, y, mean_out, rstd_out):
     N, C = x.shape
     T = x.dtype.type
@@ -285,7 +337,7 @@ def _layer_norm_forward_loop(x, w, b, eps, y, mean_out, rstd_out):
 #   dw = sum over rows of g xhat,   db = sum over rows of g.
 # dw and db are sums over all rows, which the threads cannot add into one array at once: each
 # piece of `rows_per_piece` rows adds into its own row of dw_parts / db_parts (summed after).
-@njit(parallel=True, cache=True)
+@_loop
 def _layer_norm_backward_loop(x, mean, rstd, w, g, need_dx, rows_per_piece, dx, dw_parts, db_parts):
     N, C = x.shape
     T = x.dtype.type
@@ -305,7 +357,7 @@ def _layer_norm_backward_loop(x, mean, rstd, w, g, need_dx, rows_per_piece, dx, 
 
 
 # --- AdamW, element by element (the same operations, in the same order, as the NumPy twin) ---
-@njit(parallel=True, cache=True)
+@_loop
 def _adamw_loop(w, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
                 bc2_sqrt):
     for i in prange(w.size):
@@ -331,8 +383,7 @@ def gelu_forward_saving(x, keep_tanh=True):
     xf = _flat(x)
     y = np.empty_like(xf)
     t = np.empty_like(xf) if keep_tanh else np.empty(0, dtype=xf.dtype)
-    _follow_thread_count()
-    _gelu_forward_loop(xf, y, t, keep_tanh)
+    _gelu_forward_loop(xf.size, xf, y, t, keep_tanh)
     return y.reshape(x.shape), (t.reshape(x.shape) if keep_tanh else None)
 
 
@@ -342,8 +393,7 @@ def gelu_backward(x, g, tanh_u=None):
     have = tanh_u is not None
     tf = _flat(tanh_u) if have else np.empty(0, dtype=xf.dtype)
     dx = np.empty_like(xf)
-    _follow_thread_count()
-    _gelu_backward_loop(xf, gf, tf, have, dx)
+    _gelu_backward_loop(xf.size, xf, gf, tf, have, dx)
     return dx.reshape(x.shape)
 
 
@@ -364,9 +414,22 @@ def softmax(z, axis, out):
         out = z.copy()
     elif out is not z:
         np.copyto(out, z)
-    _follow_thread_count()
-    _softmax_rows_loop(out.reshape(z2.shape))
+    _softmax_rows_loop(z.size, out.reshape(z2.shape))
     return out
+
+
+def scaled_masked_softmax_(S, scale, mask):
+    """In place: S <- softmax(S * scale, -inf where mask) along the last axis; False if S is not
+    contiguous (not covered here)."""
+    S2 = _rows(S, -1)
+    if S2 is None:
+        return False
+    has_mask = mask is not None
+    mask = np.ascontiguousarray(mask) if has_mask else np.zeros((1, S.shape[-1]), dtype=bool)
+    if has_mask and mask.shape != S.shape[-2:]:
+        return False
+    _scaled_masked_softmax_rows_loop(S.size, S2, S.dtype.type(scale), mask, has_mask)
+    return True
 
 
 def softmax_backward_(dP, P, axis, scale):
@@ -375,8 +438,7 @@ def softmax_backward_(dP, P, axis, scale):
     d2, p2 = _rows(dP, axis), _rows(P, axis)
     if d2 is None or p2 is None or dP.shape != P.shape:
         return False
-    _follow_thread_count()
-    _softmax_backward_rows_loop(d2, p2, P.dtype.type(scale))
+    _softmax_backward_rows_loop(d2.size, d2, p2, P.dtype.type(scale))
     return True
 
 
@@ -385,15 +447,13 @@ def softmax_cross_entropy(z, t_safe, valid):
     z = np.ascontiguousarray(z)
     probs = np.empty_like(z)
     losses = np.empty(z.shape[0], dtype=z.dtype)
-    _follow_thread_count()
-    _softmax_cross_entropy_loop(z, t_safe.astype(np.int64, copy=False), valid, probs, losses)
+    _softmax_cross_entropy_loop(z.size, z, t_safe.astype(np.int64, copy=False), valid, probs, losses)
     return losses, probs
 
 
 def cross_entropy_grad_(probs, t_safe, row_scale):
     """In place: probs (N, V) becomes (probs - onehot(t)) * row_scale[:, None]."""
-    _follow_thread_count()
-    _cross_entropy_grad_loop(probs, t_safe.astype(np.int64, copy=False),
+    _cross_entropy_grad_loop(probs.size, probs, t_safe.astype(np.int64, copy=False),
                              row_scale.astype(probs.dtype, copy=False))
     return probs
 
@@ -409,8 +469,7 @@ def layer_norm_forward(x, weight, bias, eps):
     y = np.empty_like(x2)
     mean = np.empty(x2.shape[0], dtype=x.dtype)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
-    _follow_thread_count()
-    _layer_norm_forward_loop(x2, _ones_or(weight, C, x.dtype, 1), _ones_or(bias, C, x.dtype, 0),
+    _layer_norm_forward_loop(x2.size, x2, _ones_or(weight, C, x.dtype, 1), _ones_or(bias, C, x.dtype, 0),
                              x.dtype.type(eps), y, mean, rstd)
     stats = x.shape[:-1] + (1,)
     return y.reshape(x.shape), mean.reshape(stats), rstd.reshape(stats)
@@ -429,8 +488,7 @@ def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
     dw_parts = np.zeros((pieces, C), dtype=x.dtype)
     db_parts = np.zeros((pieces, C), dtype=x.dtype)
     dx = np.empty_like(x2) if need_dx else np.empty((0, C), dtype=x.dtype)
-    _follow_thread_count()
-    _layer_norm_backward_loop(x2, _flat(mean), _flat(rstd), _ones_or(weight, C, x.dtype, 1), g2,
+    _layer_norm_backward_loop(x2.size, x2, _flat(mean), _flat(rstd), _ones_or(weight, C, x.dtype, 1), g2,
                               need_dx, LN_ROWS_PER_PIECE, dx, dw_parts, db_parts)
     dw = dw_parts.sum(axis=0) if weight is not None else None
     return (dx.reshape(x.shape) if need_dx else None), dw, db_parts.sum(axis=0)
@@ -441,6 +499,5 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     T = w.dtype.type
     wf, mf, vf = w.reshape(-1), m.reshape(-1), v.reshape(-1)
     gf = np.ascontiguousarray(g, dtype=w.dtype).reshape(-1)
-    _follow_thread_count()
-    _adamw_loop(wf, gf, mf, vf, T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(eps),
+    _adamw_loop(wf.size, wf, gf, mf, vf, T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(eps),
                 T(1 - lr * weight_decay), T(lr / (1 - beta1 ** step)), T(math.sqrt(1 - beta2 ** step)))

@@ -338,12 +338,13 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             flat += _causal_bias_keys_first(Tq, Tk, flat.shape[1], q.dtype)
     else:
         buf = q.data @ xp.swapaxes(k.data, -1, -2)               # (..., Tq, Tk)
-        buf *= scale
         S, axis = buf, -1
-        if causal and Tq > 1:  # (one query, the newest, sees every key: nothing to mask)
-            # in place; copyto with `where` broadcasts the (Tq, Tk) mask over the batch axes
-            xp.copyto(S, -xp.inf, where=causal_mask(Tq, Tk))
-    kernels.softmax(buf, axis, out=buf)                       # the scores' buffer now holds P
+    if keys_first:
+        kernels.softmax(buf, axis, out=buf)                   # the scores' buffer now holds P
+    else:
+        # scaled, masked (one query, the newest, sees every key: nothing to mask) and softmaxed,
+        # in place: buf holds P
+        kernels.scaled_masked_softmax_(buf, scale, causal_mask(Tq, Tk) if causal and Tq > 1 else None)
     P = S                                                     # (..., Tq, Tk) view of it
     if dropout_p > 0.0:
         if not 0.0 < dropout_p < 1.0:

@@ -175,6 +175,23 @@ def softmax(z, axis=-1, out=None):
     return e
 
 
+def scaled_masked_softmax_(S, scale, mask=None):
+    """In place on attention's scores S (..., Tq, Tk): S <- softmax(S * scale, masked), the last
+    axis; `mask` (Tq, Tk) is True where a query may not see a key (its score becomes -inf, its
+    probability 0), or None. Returns S.
+
+    NumPy (and CuPy): three passes, scale, mask (copyto with `where` broadcasts the mask over the
+    batch axes), softmax. Numba: one loop over each row.
+    """
+    if (jit := _numba()) is not None and jit.scaled_masked_softmax_(S, scale, mask):
+        return S
+    xp = backend.xp
+    S *= scale
+    if mask is not None:
+        xp.copyto(S, -xp.inf, where=mask)
+    return softmax(S, -1, out=S)
+
+
 def softmax_backward_(dP, P, axis, scale=1.0):
     """In place: dP <- P * (dP - sum_axis(dP * P)) * scale, softmax's backward (dP = dL/dP, P the
     softmax along `axis`) times a constant (attention's 1/sqrt(D)); returns dP.

@@ -7,6 +7,7 @@ float32 to ~1e-5 relative (the twins sum in float32, the loops in float64, and t
 computed through exp). AdamW's loop does the twin's operations in the twin's order and must agree
 to the last bit. Then the fused ops are gradchecked (float64, finite differences) with Numba on.
 The switch itself is tested too, including the environment variable and the path without Numba.
+Every test runs with the loops' serial and their parallel versions (`loop_kind`).
 
 Without Numba installed the Numba half skips; the NumPy twins are what the rest of the suite runs.
 """
@@ -30,6 +31,22 @@ needs_numba = pytest.mark.skipif(not backend.numba_installed(), reason="Numba is
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(autouse=True, params=["serial", "parallel"])
+def loop_kind(request, monkeypatch):
+    """Each loop is compiled twice (`cpu_kernels._Loop`); the test arrays are small, so they take
+    the serial one unless PARALLEL_MIN is 0 and there are two threads: both are tested."""
+    if request.param == "parallel" and backend.numba_installed():
+        from minigrad import cpu_kernels, parallel
+
+        monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN", 0)
+        saved = parallel.num_threads()
+        parallel.set_num_threads(2)
+        yield request.param
+        parallel.set_num_threads(saved)
+    else:
+        yield request.param
 
 
 def rand(*shape, seed=0, scale=1.0, dtype=np.float64):
@@ -98,6 +115,18 @@ def test_softmax_equals_twin(dtype, axis):
     dP = rand(*z.shape, seed=3, dtype=dtype)
     scale = dtype(0.125)
     assert_all_close(*both(lambda: kernels.softmax_backward_(dP.copy(), P, axis, scale)), dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_softmax_equals_twin(dtype, masked):
+    S = rand(2, 3, 5, 7, scale=3.0, dtype=dtype)             # (B, H, Tq, Tk): 5 queries, 7 keys
+    mask = F.causal_mask(5, 7) if masked else None
+    fast, slow = both(lambda: kernels.scaled_masked_softmax_(S.copy(), dtype(0.3), mask))
+    assert_all_close(fast, slow, dtype)
+    if masked:
+        assert (fast[..., mask] == 0).all()
 
 
 @needs_numba
