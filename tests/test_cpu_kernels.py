@@ -36,7 +36,7 @@ DTYPES = [np.float32, np.float64]
 @pytest.fixture(autouse=True, params=["serial", "parallel"])
 def loop_kind(request, monkeypatch):
     """Each loop is compiled twice (`cpu_kernels._Loop`); the test arrays are small, so they take
-    the serial one unless PARALLEL_MIN is 0 and there are two threads: both are tested."""
+    the serial one unless PARALLEL_MIN is 0 (then on two threads): both are tested."""
     if request.param == "parallel" and backend.numba_installed():
         from minigrad import cpu_kernels, parallel
 
