@@ -13,6 +13,10 @@ calls after a few untimed ones, in microseconds:
 * the whole step's bookkeeping: a model of the same depth but 8 wide, where every array is tiny,
   so what is left is each engine's per-op overhead (graph, autograd, optimizer loop).
 
+Where minigrad has two CPU versions of an op (the compiled Numba loops of `minigrad.cpu_kernels`
+and their NumPy twins in `minigrad.kernels`), both are timed: "ours" is the one in use (Numba
+where installed, see `backend.set_cpu_kernels`), "twin" the NumPy one (`--no-twin` skips it).
+
 Shapes default to nanoGPT's CPU Shakespeare model (`--preset shakespeare-char` of `python -m gpt2
 bench`): batch 12, context 64, 128 wide, 4 heads, 4 layers, vocabulary 65; the flags change them.
 
@@ -44,8 +48,16 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65, help="vocabulary, for the head's matmul (65)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
     p.add_argument("--repeats", type=int, default=100, help="timed calls per operation (100)")
+    p.add_argument("--no-twin", action="store_true", help="do not time the NumPy twins as well")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each call by the process's CPU time instead of the wall clock: with "
+                        "one thread (--threads 1, OPENBLAS_NUM_THREADS=1, MINIGRAD_NUM_THREADS=1) "
+                        "the work itself, unmoved by other jobs taking turns on the cores")
     p.add_argument("--json", action="store_true", help="print one JSON line of results")
     return p.parse_args(argv)
+
+
+CLOCK = time.perf_counter  # time.process_time with --cpu-time
 
 
 def median_us(fn, repeats: int, warmup: int = 5) -> float:
@@ -53,14 +65,16 @@ def median_us(fn, repeats: int, warmup: int = 5) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return round(statistics.median(times) * 1e6, 1)
 
 
 def main(argv=None) -> int:
+    global CLOCK
     args = parse_args(argv)
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     try:
         import torch
         import torch.nn.functional as TF
@@ -71,8 +85,8 @@ def main(argv=None) -> int:
     import minigrad as mg
     from gpt2.config import GPTConfig
     from gpt2.model import GPTModel
+    from minigrad import backend, kernels, optim
     from minigrad import functional as F
-    from minigrad import kernels, optim
 
     mg.backend.tune_malloc()  # as `python -m gpt2 bench` runs: freed memory kept for reuse
     torch.set_num_threads(args.threads)
@@ -84,9 +98,20 @@ def main(argv=None) -> int:
         return rng.standard_normal(shape).astype(np.float32)
 
     rows = []
+    kernels_in_use = backend.get_cpu_kernels()
+    time_twins = kernels_in_use != "numpy" and not args.no_twin
 
-    def row(name, ours, theirs):
-        rows.append({"op": name, "ours_us": ours, "torch_us": theirs, "ratio": round(ours / theirs, 2)})
+    def row(name, ours, theirs, twin=None):
+        rows.append({"op": name, "ours_us": ours, "torch_us": theirs, "ratio": round(ours / theirs, 2),
+                     "twin_us": twin})
+
+    def ours_and_twin(fn):
+        """(median of fn with the kernels in use, median with the NumPy twins or None)."""
+        ours = median_us(fn, R)
+        if not time_twins:
+            return ours, None
+        with backend.cpu_kernels("numpy"):
+            return ours, median_us(fn, R)
 
     # --- the linears' matmuls -------------------------------------------------------------------
     def linear_matmuls(fan_in, fan_out, what):
@@ -112,6 +137,8 @@ def main(argv=None) -> int:
             op(*inputs).backward(g)
         return forward, forward_backward
 
+    targets = rng.integers(0, V, N)
+    ttargets = torch.from_numpy(targets)
     ln_w, ln_b = mg.Tensor(np.ones(C, np.float32)), mg.Tensor(np.zeros(C, np.float32))
     tln_w, tln_b = torch.ones(C), torch.zeros(C)
     ops = {
@@ -123,14 +150,18 @@ def main(argv=None) -> int:
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
             lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True),
             [(B, H, T, D)] * 3),
+        f"cross-entropy ({N}x{V})": (lambda z: F.cross_entropy(z, targets),
+                                     lambda z: TF.cross_entropy(z, ttargets), [(N, V)]),
     }
     for name, (ours_op, torch_op, shapes) in ops.items():
         ins = [mg.Tensor(arr(*s), requires_grad=True) for s in shapes]
         of, ofb = fwd_bwd(ours_op, ins, arr(*ours_op(*ins).shape), mg.no_grad)
         tins = [torch.from_numpy(arr(*s)).requires_grad_() for s in shapes]
         tf, tfb = fwd_bwd(torch_op, tins, torch.from_numpy(arr(*torch_op(*tins).shape)), torch.no_grad)
-        row(f"{name}: forward", median_us(of, R), median_us(tf, R))
-        row(f"{name}: forward + backward", median_us(ofb, R), median_us(tfb, R))
+        ours, twin = ours_and_twin(of)
+        row(f"{name}: forward", ours, median_us(tf, R), twin)
+        ours, twin = ours_and_twin(ofb)
+        row(f"{name}: forward + backward", ours, median_us(tfb, R), twin)
 
     # AdamW over the model's parameters, one update
     config = GPTConfig(vocab_size=V, context_length=T, emb_dim=C, n_heads=H, n_layers=args.layers,
@@ -144,7 +175,8 @@ def main(argv=None) -> int:
         tp.grad = torch.from_numpy(p.grad.copy())
     topt = torch.optim.AdamW(tparams, lr=1e-3, weight_decay=0.1)
     n_params = sum(p.size for p in model.parameters())
-    row(f"AdamW update ({n_params:,} parameters)", median_us(opt.step, R), median_us(topt.step, R))
+    ours, twin = ours_and_twin(opt.step)
+    row(f"AdamW update ({n_params:,} parameters)", ours, median_us(topt.step, R), twin)
 
     # --- bookkeeping: the same depth, 8 wide, context 4, batch 1 ---------------------------------
     tiny = GPTConfig(vocab_size=V, context_length=4, emb_dim=8, n_heads=H if 8 % H == 0 else 1,
@@ -174,20 +206,24 @@ def main(argv=None) -> int:
         loss.backward()
         torch_tiny_opt.step()
 
-    row(f"a whole step, {args.layers} layers 8 wide (bookkeeping only)", median_us(ours_tiny_step, R),
-        median_us(torch_tiny_step, R))
+    ours, twin = ours_and_twin(ours_tiny_step)
+    row(f"a whole step, {args.layers} layers 8 wide (bookkeeping only)", ours,
+        median_us(torch_tiny_step, R), twin)
 
     result = {"bench": "ops_side_by_side", "shape": {"batch": B, "ctx": T, "emb": C, "heads": H,
               "layers": args.layers, "vocab": V}, "threads": args.threads, "repeats": R,
-              "ops": rows, "numpy": np.__version__, "torch": torch.__version__,
+              "clock": "cpu" if args.cpu_time else "wall", "ops": rows, "cpu_kernels": kernels_in_use,
+              "numpy": np.__version__, "torch": torch.__version__,
               "elementwise_chunk": kernels.ELEMENTWISE_CHUNK}
     if args.json:
         print(json.dumps(result))
         return 0
     width = max(len(r["op"]) for r in rows)
-    print(f"{'operation':{width}}  {'ours µs':>9}  {'torch µs':>9}  ratio")
+    print(f"minigrad's CPU kernels: {kernels_in_use}" + ("; twin = the NumPy twins" if time_twins else ""))
+    print(f"{'operation':{width}}  {'ours µs':>9}  {'torch µs':>9}  ratio  {'twin µs':>9}")
     for r in rows:
-        print(f"{r['op']:{width}}  {r['ours_us']:9.1f}  {r['torch_us']:9.1f}  {r['ratio']:5.2f}")
+        twin = f"{r['twin_us']:9.1f}" if r["twin_us"] is not None else f"{'':9}"
+        print(f"{r['op']:{width}}  {r['ours_us']:9.1f}  {r['torch_us']:9.1f}  {r['ratio']:5.2f}  {twin}")
     return 0
 
 

@@ -12,6 +12,7 @@ a run reproducible and a checkpoint can save and restore the generator exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -99,6 +100,58 @@ def set_default_dtype(dtype) -> None:
 
 def get_default_dtype():
     return default_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels run the CPU's hot loops: compiled Numba loops, or their NumPy twins
+# ---------------------------------------------------------------------------------------------
+
+CPU_KERNELS = ("auto", "numba", "numpy")
+_cpu_kernels: str | None = None  # "numba" or "numpy" once resolved; None: read the environment
+
+
+def numba_installed() -> bool:
+    """Can Numba be imported here? (Looked up without importing it.)"""
+    return importlib.util.find_spec("numba") is not None
+
+
+def _resolve_cpu_kernels(choice: str) -> str:
+    choice = choice.strip().lower() or "auto"
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"CPU kernels {choice!r}: choose one of {', '.join(CPU_KERNELS)} "
+                         "(MINIGRAD_CPU_KERNELS or set_cpu_kernels)")
+    have_numba = numba_installed()
+    if choice == "numba" and not have_numba:
+        raise BackendError('CPU kernels "numba" asked for, but Numba is not installed: '
+                           'pip install -e ".[cpu-jit]" (or pip install numba)')
+    return "numba" if choice != "numpy" and have_numba else "numpy"
+
+
+def set_cpu_kernels(choice: str) -> None:
+    """On the NumPy backend, run GELU, layer norm, softmax, cross-entropy and AdamW with
+    "numba" (compiled loops over all cores, `minigrad.cpu_kernels`), "numpy" (the NumPy twins in
+    `minigrad.kernels`), or "auto": Numba where it is installed. Default: MINIGRAD_CPU_KERNELS,
+    else "auto". The CuPy backend always uses its own kernels."""
+    global _cpu_kernels
+    _cpu_kernels = _resolve_cpu_kernels(choice)
+
+
+def get_cpu_kernels() -> str:
+    """"numba" or "numpy": which kernels the NumPy backend's hot loops use (see set_cpu_kernels)."""
+    if _cpu_kernels is None:
+        set_cpu_kernels(os.environ.get("MINIGRAD_CPU_KERNELS", "auto"))
+    return _cpu_kernels
+
+
+@contextlib.contextmanager
+def cpu_kernels(choice: str):
+    """`set_cpu_kernels(choice)` inside the block only (tests compare the two this way)."""
+    saved = get_cpu_kernels()
+    set_cpu_kernels(choice)
+    try:
+        yield
+    finally:
+        set_cpu_kernels(saved)
 
 
 # ---------------------------------------------------------------------------------------------

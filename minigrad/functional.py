@@ -268,9 +268,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     xp = backend.xp
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     scores = kernels.AttentionScores(q.data, k.data, scale)     # S = q k^T s   (..., Tq, Tk)
-    if causal:
-        scores.mask_causal_(causal_mask)                          # S = -inf where j is after i
-    P = scores.softmax_()                                         # in place: the scores become P
+    # In place: S = -inf where key j is after query i, then the scores become P = softmax(S).
+    P = scores.softmax_(causal_mask if causal else None)
     if dropout_p > 0.0:
         keep = backend.rng().random(P.shape) >= dropout_p         # drawn in (..., Tq, Tk) order
         drop_scale = q.dtype.type(1.0 / (1.0 - dropout_p))

@@ -44,6 +44,23 @@ def _on_gpu() -> bool:
     return backend.get_backend() == "cupy"
 
 
+def _numba():
+    """The compiled CPU loops (`minigrad.cpu_kernels`) when they are in use, else None: on the
+    NumPy backend with Numba installed, unless switched off (`backend.set_cpu_kernels`). Imported
+    here, on first use, so that Numba is loaded only by those who run them."""
+    if backend.get_cpu_kernels() != "numba" or _on_gpu():
+        return None
+    from . import cpu_kernels  # noqa: PLC0415
+
+    return cpu_kernels
+
+
+def row_loops_compiled() -> bool:
+    """Do row-wise reductions (softmax over the last axis) run as compiled loops, at no cost per
+    row? Then attention keeps its scores (..., Tq, Tk); see `scores_keys_first`."""
+    return _numba() is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # GELU
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +87,8 @@ def gelu_forward(x):
     """y = 0.5 x (1 + tanh(u)),  u = C x (1 + A x^2)  (= C (x + A x^3), one multiply fewer)."""
     if _on_gpu():
         return _cupy_kernels().gelu_forward(x)
+    if (jit := _numba()) is not None:
+        return jit.gelu_forward_saving(x, keep_tanh=False)[0]
     return _gelu_forward_numpy(x, keep_tanh=False)[0]
 
 
@@ -85,6 +104,8 @@ def gelu_forward_saving(x):
     """
     if _on_gpu():
         return _cupy_kernels().gelu_forward(x), None
+    if (jit := _numba()) is not None:
+        return jit.gelu_forward_saving(x, keep_tanh=True)
     return _gelu_forward_numpy(x, keep_tanh=True)
 
 
@@ -111,6 +132,8 @@ def gelu_backward(x, g, tanh_u=None):
     """
     if _on_gpu():
         return _cupy_kernels().gelu_backward(x, g)
+    if (jit := _numba()) is not None:
+        return jit.gelu_backward(x, g, tanh_u)
     xf, gf = x.reshape(-1), g.reshape(-1)
     tf = None if tanh_u is None else tanh_u.reshape(-1)
     dx = np.empty_like(xf)
@@ -189,11 +212,47 @@ def softmax(z, axis=-1, out=None):
     """
     if _on_gpu():
         return _cupy_kernels().softmax(z, axis, out)
+    if (jit := _numba()) is not None and (p := jit.softmax(z, axis, out)) is not None:
+        return p  # (along another axis than the last: the NumPy twin below)
     last = axis in (-1, z.ndim - 1)
     e = np.subtract(z, _row_max(z) if last else z.max(axis=axis, keepdims=True), out=out)
     np.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
+
+
+def scaled_masked_softmax_(S, scale, mask=None):
+    """In place on attention's scores S (..., Tq, Tk): S <- softmax(S * scale, masked), the last
+    axis; `mask` (Tq, Tk) is True where a query may not see a key (its score becomes -inf, its
+    probability 0), or None. Returns S.
+
+    NumPy (and CuPy): three passes, scale, mask (copyto with `where` broadcasts the mask over the
+    batch axes), softmax. Numba: one loop over each row.
+    """
+    if (jit := _numba()) is not None and jit.scaled_masked_softmax_(S, scale, mask):
+        return S
+    xp = backend.xp
+    S *= scale
+    if mask is not None:
+        xp.copyto(S, -xp.inf, where=mask)
+    return softmax(S, -1, out=S)
+
+
+def softmax_backward_(dP, P, axis, scale=1.0):
+    """In place: dP <- P * (dP - sum_axis(dP * P)) * scale, softmax's backward (dP = dL/dP, P the
+    softmax along `axis`) times a constant (attention's 1/sqrt(D)); returns dP.
+
+    From dP_i/dz_j = P_i (delta_ij - P_j): dL/dz_j = P_j (dL/dP_j - sum_i dL/dP_i P_i).
+    NumPy: four whole-array passes and one temporary of P's size. CuPy: the same operations.
+    """
+    if (jit := _numba()) is not None and jit.softmax_backward_(dP, P, axis, scale):
+        return dP
+    xp = backend.xp
+    dP_times_P = xp.multiply(dP, P)
+    dP -= dP_times_P.sum(axis=axis, keepdims=True)
+    dP *= P
+    dP *= scale
+    return dP
 
 
 SHORT_ROW = 64  # rows up to this length take their max through a transposed copy (`_row_max`)
@@ -221,6 +280,8 @@ def softmax_cross_entropy(z, t_safe, valid):
     the backward pass, which turns them into the gradient in place (`cross_entropy_grad_`).
     """
     xp = backend.xp
+    if (jit := _numba()) is not None:
+        return jit.softmax_cross_entropy(z, t_safe, valid)
     if _on_gpu():
         probs, m, sums = _cupy_kernels().exp_shifted_rows(z)
     else:
@@ -241,6 +302,8 @@ def cross_entropy_grad_(probs, t_safe, row_scale):
     if _on_gpu():
         _cupy_kernels().xent_grad(probs, t_safe, row_scale)
         return probs
+    if (jit := _numba()) is not None:
+        return jit.cross_entropy_grad_(probs, t_safe, row_scale)
     probs[xp.arange(probs.shape[0]), t_safe] -= 1.0
     probs *= row_scale[:, None]
     return probs
@@ -252,8 +315,10 @@ def cross_entropy_grad_(probs, t_safe, row_scale):
 
 def scores_keys_first(rows: int, Tk: int) -> bool:
     """Store attention's scores keys first when there are many rows (queries x batch x heads)
-    for their length Tk (see `AttentionScores`)."""
-    return rows >= 2 * Tk
+    for their length Tk (see `AttentionScores`). Not with compiled row loops
+    (`row_loops_compiled`), which pay nothing per row: the copies into that layout would then be
+    pure cost."""
+    return rows >= 2 * Tk and not row_loops_compiled()
 
 
 _BIAS_CACHE: dict = {}
@@ -297,36 +362,37 @@ class AttentionScores:
             self.array, self.axis = xp.moveaxis(self.buf, 0, -1), 0
         else:
             self.buf = self.array = a @ xp.swapaxes(b, -1, -2)      # (..., Tq, Tk)
-            if scale is not None:
-                self.buf *= scale
             self.axis = -1
+        # Queries first, the scale waits for `softmax_`, which applies it in the same loop as the
+        # mask and the softmax (one pass where row loops are compiled); keys first it is applied
+        # in the copy above.
+        self.pending_scale = None if keys_first else scale
 
-    def mask_causal_(self, causal_mask) -> None:
-        """In place: -inf where `causal_mask(Tq, Tk)` (`functional.causal_mask`, passed in so the
-        mask has one definition) is True. Keys first, a cached 0/-inf bias is added: one pass
-        over the buffer with a same-shape operand, where broadcasting a (Tk, 1, Tq) mask would run
-        n * Tk short loops. Queries first, `copyto` writes -inf through the broadcast mask."""
-        xp = backend.xp
+    def softmax_(self, causal_mask=None):
+        """In place: the scores (times the scale, if it is still pending), with -inf where
+        `causal_mask(Tq, Tk)` is True (`functional.causal_mask`, passed in so the mask has one
+        definition; None: no mask), become softmax over each query's row; returns `.array`.
+
+        Keys first, a cached 0/-inf bias is added: one pass over the buffer with a same-shape
+        operand, where broadcasting a (Tk, 1, Tq) mask would run n * Tk short loops. Queries first,
+        `scaled_masked_softmax_` (one query, the newest, sees every key: nothing to mask)."""
         Tq, Tk = self.array.shape[-2:]
         if self.keys_first:
-            flat = self.buf.reshape(Tk, -1, Tq)
-            flat += _causal_bias_keys_first(causal_mask, Tq, Tk, flat.shape[1], self.buf.dtype)
-        elif Tq > 1:  # (one query, the newest, sees every key: nothing to mask)
-            xp.copyto(self.array, -xp.inf, where=causal_mask(Tq, Tk))
-
-    def softmax_(self):
-        """In place: the scores become softmax over each query's row; returns `.array`."""
-        softmax(self.buf, self.axis, out=self.buf)
+            if causal_mask is not None:
+                flat = self.buf.reshape(Tk, -1, Tq)
+                flat += _causal_bias_keys_first(causal_mask, Tq, Tk, flat.shape[1], self.buf.dtype)
+            softmax(self.buf, self.axis, out=self.buf)
+        else:
+            mask = causal_mask(Tq, Tk) if causal_mask is not None and Tq > 1 else None
+            scale = 1.0 if self.pending_scale is None else self.pending_scale
+            scaled_masked_softmax_(self.buf, scale, mask)
+            self.pending_scale = None
         return self.array
 
     def softmax_backward_(self, P, scale):
         """In place, for these scores holding dP = dL/dP: dS = P (dP - rowsum(dP P)) * scale, with
         P the forward's `AttentionScores` after `softmax_` (in the same layout); returns `.array`."""
-        xp = backend.xp
-        dP_times_P = xp.multiply(self.buf, P.buf)
-        self.buf -= dP_times_P.sum(axis=self.axis, keepdims=True)
-        self.buf *= P.buf
-        self.buf *= scale
+        softmax_backward_(self.buf, P.buf, self.axis, scale)
         return self.array
 
 
@@ -367,6 +433,8 @@ def attention_output(P, v):
 def layer_norm_forward(x, weight, bias, eps):
     """-> (y, mean, rstd): y = (x - mean) * rstd * w + b, with mean and rstd of shape (..., 1)."""
     xp = backend.xp
+    if (jit := _numba()) is not None:
+        return jit.layer_norm_forward(x, weight, bias, eps)
     mean = x.mean(axis=-1, keepdims=True)
     if _on_gpu():
         var = _cupy_kernels().sq_dev_mean(x, mean)
@@ -395,6 +463,8 @@ def layer_norm_backward(x, mean, rstd, weight, g, need_dx=True):
     C = x.shape[-1]
     if _on_gpu():
         return _cupy_kernels().layer_norm_backward(x, mean, rstd, weight, g, need_dx)
+    if (jit := _numba()) is not None:
+        return jit.layer_norm_backward(x, mean, rstd, weight, g, need_dx)
     xhat = np.subtract(x, mean)
     xhat *= rstd
     g2 = g.reshape(-1, C)
@@ -436,6 +506,11 @@ def adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """
     if _on_gpu():
         _cupy_kernels().adamw(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+        return
+    if (jit := _numba()) is not None:
+        if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+            raise ValueError("adamw_update_ needs C-contiguous parameter and state arrays")
+        jit.adamw_update_(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
         return
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = math.sqrt(1 - beta2 ** step)

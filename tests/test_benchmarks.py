@@ -72,5 +72,8 @@ def test_ops_side_by_side_times_every_op_on_both_sides():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = [r["op"] for r in result["ops"]]
-    assert len(names) == 5 * 3 + 3 * 2 + 2       # 5 linears x 3 matmuls, 3 ops x 2, AdamW, step
+    assert len(names) == 5 * 3 + 4 * 2 + 2       # 5 linears x 3 matmuls, 4 ops x 2, AdamW, step
     assert all(r["ours_us"] > 0 and r["torch_us"] > 0 for r in result["ops"])
+    # the NumPy twins timed beside the Numba loops where those are in use (not the matmuls)
+    twins = [r["twin_us"] for r in result["ops"] if r["twin_us"] is not None]
+    assert len(twins) == (4 * 2 + 2 if result["cpu_kernels"] == "numba" else 0)

@@ -3,7 +3,8 @@
 Every fast path is checked three ways: against its textbook twin in `minigrad.composed` (value and
 gradient), with `gradcheck` in float64, and for dtype (float32 in, float32 out: no silent float64
 upcasts). The CuPy kernels are compared with their NumPy twins when a GPU is present; without one
-those tests skip ("CuPy/GPU not available"). No timing is asserted anywhere.
+those tests skip ("CuPy/GPU not available"). On the CPU, each test runs with the compiled Numba
+loops and with the NumPy twins (the `cpu_kernels` fixture). No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ import pytest
 import minigrad as mg
 from minigrad import backend, composed, kernels
 from minigrad import functional as F
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def cpu_kernels(request):
+    """Every test here runs twice on the CPU: with the compiled loops (`minigrad.cpu_kernels`) and
+    with the NumPy twins, so the twins stay tested where Numba is installed (and the Numba half
+    skips where it is not). The CuPy tests run once: that backend has its own kernels."""
+    if request.param == "numba":
+        if not backend.numba_installed():
+            pytest.skip("Numba is not installed")
+        if "cupy_backend" in request.fixturenames:
+            pytest.skip("the CuPy backend does not use the CPU kernels")
+    with backend.cpu_kernels(request.param):
+        yield request.param
 
 
 def t64(a, grad=True):

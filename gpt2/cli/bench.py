@@ -181,6 +181,7 @@ def bench(config: GPTConfig, batch_size: int = 2, steps: int = 5, warmup: int = 
     result = {
         "bench": "minigrad_gpt2_train_step",
         "backend": backend.get_backend(),
+        "cpu_kernels": backend.get_cpu_kernels() if backend.get_backend() == "numpy" else None,
         "device": device_name(),
         "config": config.to_dict(),
         "params": model.num_parameters(),
@@ -295,6 +296,10 @@ def add_arguments(parser) -> None:
                         help="output head shares the token embedding (default: no)")
     parser.add_argument("--backend", default=default_backend(), choices=["numpy", "cupy"],
                         help="numpy (CPU) or cupy (GPU) (default: $MINIGRAD_BACKEND, else numpy)")
+    parser.add_argument("--cpu-kernels", default=None, choices=list(backend.CPU_KERNELS),
+                        help="numpy backend: the hot loops as compiled Numba kernels (numba), as "
+                             "NumPy twins (numpy), or Numba where installed (auto; the default, "
+                             "or MINIGRAD_CPU_KERNELS)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
     parser.add_argument("--gen-tokens", type=int, default=100, help="tokens to generate (100)")
@@ -329,6 +334,8 @@ def run(args) -> int:
     """Run the benchmark for parsed `args`; print a table (or one JSON line); return 0."""
     config = config_from_args(args)
     batch_size = settings_from_args(args)["batch_size"]
+    if getattr(args, "cpu_kernels", None):
+        backend.set_cpu_kernels(args.cpu_kernels)
     res = bench(config, batch_size=batch_size, steps=args.steps, warmup=args.warmup,
                 backend_name=args.backend, generation=not args.no_generate, gen_tokens=args.gen_tokens)
     if args.json:
@@ -342,7 +349,8 @@ def format_report(res: dict) -> str:
     c = res["config"]
     t = res["time_s"]
     lines = [
-        f"minigrad-gpt2 bench on {res['backend']} ({res['device']})",
+        f"minigrad-gpt2 bench on {res['backend']} ({res['device']})"
+        + (f", CPU kernels: {res['cpu_kernels']}" if res.get("cpu_kernels") else ""),
         f"model: {res['params']:,} params ({c['n_layers']} layers, {c['n_heads']} heads, "
         f"{c['emb_dim']} wide, vocab {c['vocab_size']}), batch {res['batch_size']} x context "
         f"{res['context_length']}, float32, {res['steps']} timed steps after {res['warmup']} warm-up",

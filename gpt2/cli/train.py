@@ -311,7 +311,9 @@ def _print_plan(args, comm, data: _Data, model, optimizer, steps: int, out: Path
           + (f" of {args.grad_accum} accumulated batches" if args.grad_accum > 1 else "")
           + f", AdamW lr {args.lr:g} ({schedule}), beta2 {args.beta2:g}, weight decay {args.weight_decay:g}"
           + ("" if args.decay_all else " (matrices only)") + f", {args.init} init, "
-          f"seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps "
+          f"seed {args.seed}, backend {mg.get_backend()}"
+          + (f" ({mg.backend.get_cpu_kernels()} CPU kernels)" if mg.get_backend() == "numpy" else "")
+          + f"; checkpoints every {args.save_every} steps "
           f"in {out}/ (newest {args.keep} kept)")
     if comm.world_size > 1:
         loader = data.train_loader
