@@ -29,6 +29,11 @@ from .evaluate import calc_loss_batch
 DEFAULT_MIN_LR_RATIO = 0.1   # the cosine schedule ends at lr / 10 unless told otherwise (nanoGPT's)
 
 
+def schedule_floor(peak: float, min_lr: float | None) -> float:
+    """Where the cosine ends: `min_lr`, or the peak / 10 when none is given."""
+    return peak * DEFAULT_MIN_LR_RATIO if min_lr is None else min_lr
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient accumulation
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +93,8 @@ def lr_schedule(optimizer, warmup_steps: int | None, min_lr: float | None, total
         return None
     group = optimizer.param_groups[0]
     peak = group.setdefault("initial_lr", group["lr"])
-    floor = peak * DEFAULT_MIN_LR_RATIO if min_lr is None else min_lr
     return WarmupCosine(max_lr=peak, warmup_steps=warmup_steps, total_steps=max(total_steps - 1, 0),
-                        min_lr=floor)
+                        min_lr=schedule_floor(peak, min_lr))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ def test_chapter_runs(chapter, backend):
 def test_chapter_opens_as_a_notebook(chapter):
     """README offers the chapters as notebooks through jupytext (the `notebooks` extra, in `dev`):
     each `# %%` script becomes a valid notebook of several cells, markdown and code, and back."""
-    jupytext = pytest.importorskip("jupytext")
-    nbformat = pytest.importorskip("nbformat")
+    jupytext = pytest.importorskip("jupytext", reason="the notebooks extra (jupytext) is not installed")
+    nbformat = pytest.importorskip("nbformat", reason="the notebooks extra (jupytext) is not installed")
     source = (REPO / "chapters" / chapter).read_text(encoding="utf-8")
     nb = jupytext.reads(source, fmt="py:percent")
     kinds = [c.cell_type for c in nb.cells]

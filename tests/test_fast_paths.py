@@ -19,18 +19,21 @@ from minigrad import backend, composed, kernels
 from minigrad import functional as F
 
 
-@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def pytest_generate_tests(metafunc):
+    """Every CPU test here runs twice: with the compiled loops (`minigrad.cpu_kernels`) and with
+    the NumPy twins, so the twins stay tested where Numba is installed. The CuPy tests run once:
+    that backend has its own kernels."""
+    if "cupy_backend" not in metafunc.fixturenames:
+        metafunc.parametrize("cpu_kernels", ["numba", "numpy"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def cpu_kernels(request):
-    """Every test here runs twice on the CPU: with the compiled loops (`minigrad.cpu_kernels`) and
-    with the NumPy twins, so the twins stay tested where Numba is installed (and the Numba half
-    skips where it is not). The CuPy tests run once: that backend has its own kernels."""
-    if request.param == "numba":
-        if not backend.numba_installed():
-            pytest.skip("Numba is not installed")
-        if "cupy_backend" in request.fixturenames:
-            pytest.skip("the CuPy backend does not use the CPU kernels")
-    with backend.cpu_kernels(request.param):
-        yield request.param
+    choice = getattr(request, "param", "numpy")
+    if choice == "numba" and not backend.numba_installed():
+        pytest.skip("Numba is not installed (pip install -e \".[cpu-jit]\")")
+    with backend.cpu_kernels(choice):
+        yield choice
 
 
 def t64(a, grad=True):

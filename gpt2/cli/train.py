@@ -40,7 +40,7 @@ from ..resume import restore_training
 from ..tokenizer import get_tokenizer
 from ..train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, total_steps
 from ..train import train as run_training
-from ..train_extras import DEFAULT_MIN_LR_RATIO
+from ..train_extras import schedule_floor
 from . import ranks
 from .flags import PROG, use_backend
 from .run_saver import (
@@ -304,7 +304,7 @@ def _print_plan(args, comm, data: _Data, model, optimizer, steps: int, out: Path
     print(f"model: {shape}, {config.n_layers} layers, {config.n_heads} heads, "
           f"{config.emb_dim} wide, context {config.context_length}: {model.num_parameters():,} parameters")
     print(f"data: {data.path} ({data.about})")
-    min_lr = args.min_lr if args.min_lr is not None else args.lr * DEFAULT_MIN_LR_RATIO
+    min_lr = schedule_floor(args.lr, args.min_lr)
     schedule = ("constant" if args.warmup_steps is None
                 else f"warmup {args.warmup_steps}, cosine to {min_lr:g}")
     print(f"training: {steps} steps"
