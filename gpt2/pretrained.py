@@ -5,20 +5,33 @@
     model = load_pretrained("path/to/dir")          # any directory in the Hugging Face layout
     export_hf(model, "out/my-gpt2")                 # config.json + model.safetensors for transformers
 
-A name is downloaded once from https://huggingface.co/openai-community/<name> into the cache
-directory, `~/.cache/minigrad-gpt2/<name>/` (set GPT2_CACHE, or pass `cache_dir`, to use another).
-Each file is written to a hidden temporary file beside it, flushed to disk, and only then renamed
-to its real name (gpt2/safeio.py), so an interrupted download never leaves a file that looks
-complete. Without network access the
-error says which two files to fetch and where to put them; GPT2_OFFLINE=1 skips the attempt.
+A name means the files config.json and model.safetensors of https://huggingface.co/openai-community/<name>,
+found or fetched in this order:
+
+1. our own cache, `~/.cache/minigrad-gpt2/<name>/` (GPT2_CACHE, or `cache_dir`, to use another):
+   a model already there loads without touching the network;
+2. with `huggingface_hub` installed (the `hub` extra), `huggingface_hub.hf_hub_download` into the
+   Hugging Face cache (HF_HOME / HF_HUB_CACHE, shared with transformers and every other HF tool),
+   from HF_ENDPOINT (a mirror) if set, and from the cache alone under HF_HUB_OFFLINE=1;
+3. otherwise -- or when `cache_dir` is given, or GPT2_HUB=0 -- a direct download into our cache:
+   each file is written to a hidden temporary file beside it, flushed to disk, and only then
+   renamed to its real name (gpt2/safeio.py), so an interrupted download never leaves a file
+   that looks complete.
+
+GPT2_HUB=1 insists on huggingface_hub (an error if it is missing). GPT2_OFFLINE=1 forbids every
+download attempt (both ways). Every failure is one GPT2Error saying what to do: what to download
+and where to put it, that offline mode is on, that a mirror lacks the repository, or which damaged
+file to delete.
 
 Weights are read with safetensors (never pickle). The name and layout mapping is `gpt2/hf.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,6 +49,7 @@ from .model import GPTModel, build_uninitialised
 PRETRAINED = {"gpt2": "548 MB", "gpt2-medium": "1.5 GB", "gpt2-large": "3.3 GB", "gpt2-xl": "6.4 GB"}
 ALIASES = {"gpt2-124m": "gpt2", "gpt2-small": "gpt2"}
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+HUB_REPO = "openai-community/{name}"
 FILES = ("config.json", "model.safetensors")
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
@@ -133,12 +147,176 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# ---------------------------------------------------------------------------------------------
+# Through huggingface_hub: the Hugging Face cache, HF_ENDPOINT, HF_HUB_OFFLINE
+# ---------------------------------------------------------------------------------------------
+
+def hub_setting() -> bool | None:
+    """$GPT2_HUB: True (1: always through huggingface_hub), False (0: never), None (unset or
+    'auto': through huggingface_hub when it is installed)."""
+    value = os.environ.get("GPT2_HUB", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise GPT2Error(f"GPT2_HUB must be 1 (download through huggingface_hub), 0 (download directly) or "
+                    f"auto (the default: huggingface_hub when installed), got {value!r}")
+
+
+def _import_hub():
+    """The huggingface_hub module, or None where it is not installed."""
+    try:
+        import huggingface_hub  # noqa: PLC0415 - optional, only for downloads
+    except ImportError:
+        return None
+    return huggingface_hub
+
+
+def uses_hub(cache_dir=None) -> bool:
+    """Whether a name missing from our cache is fetched through huggingface_hub (see the module
+    docstring): not when `cache_dir` names our cache, nor under GPT2_HUB=0; GPT2_HUB=1 insists."""
+    setting = hub_setting()
+    if cache_dir is not None or setting is False:
+        return False
+    if _import_hub() is not None:
+        return True
+    if setting:
+        raise GPT2Error("GPT2_HUB=1 but huggingface_hub is not installed: pip install 'minigrad-gpt2[hub]' "
+                        "(or pip install huggingface_hub), or unset GPT2_HUB to download directly")
+    return False
+
+
+def hub_download(name: str, progress: bool = True) -> Path:
+    """The Hugging Face cache's snapshot directory holding config.json and model.safetensors of
+    openai-community/`name`, fetched with `huggingface_hub.hf_hub_download` where missing.
+
+    config.json is asked for first (at "main"), and model.safetensors then at the commit that
+    config.json came from, so both files are always of the same revision. huggingface_hub reads
+    HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE itself (when it is imported);
+    GPT2_OFFLINE=1 makes it use the cache only, too.
+    """
+    hub = _import_hub()
+    if hub is None:
+        raise GPT2Error("huggingface_hub is not installed: pip install 'minigrad-gpt2[hub]'")
+    offline = _gpt2_offline()
+    directory = None
+    with contextlib.ExitStack() as stack:
+        if not progress:
+            stack.enter_context(_hub_progress_bars_off())
+        for filename in FILES:
+            revision = directory.name if directory is not None and _COMMIT.fullmatch(directory.name) else None
+            try:
+                path = Path(hub.hf_hub_download(HUB_REPO.format(name=name), filename, revision=revision,
+                                                local_files_only=offline))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes one GPT2Error naming the fix
+                raise GPT2Error(_hub_error(name, filename, exc, offline)) from None
+            directory = directory or path.parent
+    return directory
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _gpt2_offline() -> bool:
+    return os.environ.get("GPT2_OFFLINE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _hub_progress_bars_off():
+    from huggingface_hub import utils  # noqa: PLC0415
+
+    was_off = utils.are_progress_bars_disabled()
+    utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            utils.enable_progress_bars()
+
+
+def _hub_error(name: str, filename: str, exc: Exception, gpt2_offline: bool) -> str:
+    """One line for a failed hf_hub_download: what happened and what to do."""
+    import huggingface_hub  # noqa: PLC0415
+    from huggingface_hub import constants, utils  # noqa: PLC0415
+
+    def classes(*names):
+        return tuple(c for c in (getattr(utils, n, None) for n in names) if isinstance(c, type))
+
+    repo = HUB_REPO.format(name=name)
+    endpoint = constants.ENDPOINT + (" (HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT") else "")
+    cache = constants.HF_HUB_CACHE
+    version = tuple(int(v) for v in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    command = f"{'hf' if version >= (0, 34) else 'huggingface-cli'} download {repo} {' '.join(FILES)}"
+    elsewhere = (f"or put config.json and model.safetensors (from {' and '.join(file_urls(name))}) in any "
+                 "directory and pass that directory instead of the name")
+    hf_offline = bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    not_cached = classes("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+    if isinstance(exc, not_cached) and (gpt2_offline or hf_offline):
+        switch = "GPT2_OFFLINE" if gpt2_offline else "HF_HUB_OFFLINE"
+        return (f"OpenAI's {name} weights ({repo}: {filename}) are not in the Hugging Face cache {cache} "
+                f"and offline mode is on ({switch}=1): run `{command}` where there is network access "
+                f"(with the same HF_HUB_CACHE), or unset {switch}, {elsewhere}")
+    if isinstance(exc, classes("LocalEntryNotFoundError")):  # no answer from the endpoint, nothing cached
+        cause = exc.__cause__ or exc.__context__ or exc
+        return (f"could not download {filename} of {repo} from {endpoint} ({_short(cause)}): check the "
+                f"network connection (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use only the Hugging Face "
+                f"cache {cache}, {elsewhere}")
+    if isinstance(exc, classes("RepositoryNotFoundError")):
+        fix = ("check that the mirror holds the openai-community repositories, or unset HF_ENDPOINT to use "
+               "huggingface.co" if os.environ.get("HF_ENDPOINT") else
+               "check the token (HF_TOKEN) and proxy settings")
+        return f"{repo} was not found at {endpoint} ({_status(exc)}): {fix}, {elsewhere}"
+    if isinstance(exc, classes("RevisionNotFoundError", "EntryNotFoundError")):
+        return f"{endpoint} has no {filename} in {repo} ({_status(exc)}): {elsewhere}"
+    if isinstance(exc, classes("HfHubHTTPError")):
+        return f"{endpoint} refused {filename} of {repo} ({_short(exc)}): try again later, {elsewhere}"
+    return (f"downloading {filename} of {repo} from {endpoint} into {cache} failed ({type(exc).__name__}: "
+            f"{_short(exc)}); run again to retry, {elsewhere}")
+
+
+def _status(exc: BaseException) -> str:
+    """'HTTP 401' for an error that carries the response, else the error's first line."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status}" if status is not None else _short(exc)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = _one_line(str(exc)) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _hf_cache_hint(directory: Path, message: str) -> str | None:
+    """For a damaged file in the Hugging Face cache: the blob to delete (deleting the snapshot's
+    link alone would not help: huggingface_hub would link the same blob again)."""
+    if directory.parent.name != "snapshots" or not directory.parent.parent.name.startswith("models--"):
+        return None
+    for filename in FILES:
+        path = directory / filename
+        if str(path) in message and path.is_symlink():
+            return (f"here it is a link into the Hugging Face cache, so delete the file it points to, "
+                    f"{path.resolve()}, and load again to download it afresh")
+    return None
+
+
+def _find(name: str, cache_dir=None, progress: bool = True) -> Path:
+    """A pretrained model's directory: our cache if complete there, else through huggingface_hub
+    or a direct download (see the module docstring)."""
+    dest = model_dir(name, cache_dir)
+    if all((dest / f).is_file() for f in FILES):
+        return dest
+    if uses_hub(cache_dir):
+        return hub_download(name, progress=progress)
+    return ensure_downloaded(name, cache_dir, progress=progress)
+
+
 def resolve(name_or_dir, cache_dir=None, progress: bool = True) -> Path:
     """A pretrained model name (downloaded if needed) or a local directory -> the directory."""
     name_or_dir = os.fspath(name_or_dir)
     name = canonical_name(name_or_dir)
     if name is not None:
-        return ensure_downloaded(name, cache_dir, progress=progress)
+        return _find(name, cache_dir, progress=progress)
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
@@ -159,14 +337,16 @@ def resolve(name_or_dir, cache_dir=None, progress: bool = True) -> Path:
 def load_pretrained(name_or_dir, backend=None, dtype="float32", cache_dir=None) -> GPTModel:
     """A GPTModel with OpenAI's GPT-2 weights (a name) or those of a Hugging Face-layout directory.
 
-    name_or_dir: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (downloaded once into the cache
-        directory), or a directory with config.json and model.safetensors, as transformers'
-        `save_pretrained` (or our `export_hf`) writes them. Names win over directories: write
-        "./gpt2" for a local directory called gpt2.
+    name_or_dir: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (from our cache, else downloaded
+        once through huggingface_hub into the Hugging Face cache when it is installed, else into
+        our cache; see the module docstring), or a directory with config.json and
+        model.safetensors, as transformers' `save_pretrained` (or our `export_hf`) writes them.
+        Names win over directories: write "./gpt2" for a local directory called gpt2.
     backend: "numpy" or "cupy" to switch minigrad's backend first (it is global: the model's
         arrays and every later op live there); None keeps the current one.
     dtype: "float32" (default), "float64" (e.g. for gradient checks) or "float16".
-    cache_dir: the cache root for downloads (default $GPT2_CACHE or ~/.cache/minigrad-gpt2).
+    cache_dir: our cache root (default $GPT2_CACHE or ~/.cache/minigrad-gpt2); given, a missing
+        name is downloaded directly into it, not through huggingface_hub.
 
     The model comes back in eval mode (dropout off), as transformers' from_pretrained does;
     call `model.train()` to fine-tune it. Any problem with the files is a GPT2Error naming it.
@@ -177,7 +357,14 @@ def load_pretrained(name_or_dir, backend=None, dtype="float32", cache_dir=None) 
             mg_backend.set_backend(backend)
         except mg_backend.BackendError as exc:
             raise GPT2Error(str(exc)) from None
-    return _load_dir(resolve(name_or_dir, cache_dir), dtype)
+    directory = resolve(name_or_dir, cache_dir)
+    try:
+        return _load_dir(directory, dtype)
+    except GPT2Error as exc:
+        hint = _hf_cache_hint(Path(directory), str(exc))
+        if hint is None:
+            raise
+        raise GPT2Error(f"{exc}; {hint}") from None
 
 
 def _check_dtype(dtype):

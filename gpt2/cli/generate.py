@@ -22,12 +22,15 @@ def add_model_arguments(p) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory written by `train` (or "
                      "its run directory: the latest checkpoint)")
     src.add_argument("--pretrained", metavar="NAME_OR_DIR",
-                     help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
-                     "directory holding them")
+                     help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched through "
+                     "huggingface_hub into the Hugging Face cache where it is installed, else downloaded "
+                     "directly into our cache), or a local directory holding them")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=default_backend(),
                    help="numpy (CPU) or cupy (NVIDIA GPU) (default: $MINIGRAD_BACKEND, else numpy)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
-                   help="where --pretrained weights are downloaded and cached")
+                   help="our cache for --pretrained NAME (default $GPT2_CACHE, else "
+                   "~/.cache/minigrad-gpt2): a name missing there is downloaded directly into it, not "
+                   "through huggingface_hub")
 
 
 def add_sampling_arguments(p, max_new_tokens: int = 50) -> None:
