@@ -26,9 +26,18 @@ if _CUPY_CACHE_SET_BY_US:
     os.environ["CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="minigrad-tests-cupy-cache-")
 
 
+# The Hugging Face cache too: a user's real cache may hold OpenAI's weights, and tests (chapter
+# 06, `--pretrained gpt2`) must see the same empty cache on every machine. Offline as well, so
+# that nothing tries the network; tests/test_hub.py sets its own cache and endpoint.
+_HF_CACHE = tempfile.mkdtemp(prefix="minigrad-tests-hf-cache-")
+os.environ["HF_HUB_CACHE"] = _HF_CACHE
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def pytest_unconfigure(config):
     if _CUPY_CACHE_SET_BY_US:
         shutil.rmtree(os.environ.pop("CUPY_CACHE_DIR"), ignore_errors=True)
+    shutil.rmtree(_HF_CACHE, ignore_errors=True)
 
 
 import minigrad  # noqa: E402
