@@ -56,6 +56,13 @@ def test_chapter_09_classification_quick(tmp_path, backend):
     assert "test       accuracy" in out and (tmp_path / "loss.png").is_file()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_chapter_10_instruction_quick(tmp_path, backend):
+    out = _run("10_instruction.py", tmp_path, backend, data=("instructions",))
+    assert "train 935, validation 55, test 110" in out and "Model response:" in out
+    assert (tmp_path / "checkpoint" / "tokenizer.json").is_file() and (tmp_path / "loss.png").is_file()
+
+
 def test_chapter_09_uses_pretrained_weights_when_given(tmp_path):
     """GPT2_PRETRAINED_DIR: the chapter takes those weights (here a tiny model exported in the
     Hugging Face layout, standing in for OpenAI's) and the book's learning rate."""
