@@ -63,6 +63,13 @@ def test_chapter_10_instruction_quick(tmp_path, backend):
     assert (tmp_path / "checkpoint" / "tokenizer.json").is_file() and (tmp_path / "loss.png").is_file()
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_chapter_11_lora_quick(tmp_path, backend):
+    out = _run("11_lora.py", tmp_path, backend, data=("sms_spam",))
+    assert "gradcheck of low_rank_update (x, A, B): passed" in out
+    assert "LoRA r=16 trains 2,371,616" in out and "test accuracy after merging" in out
+
+
 def test_chapter_09_uses_pretrained_weights_when_given(tmp_path):
     """GPT2_PRETRAINED_DIR: the chapter takes those weights (here a tiny model exported in the
     Hugging Face layout, standing in for OpenAI's) and the book's learning rate."""
