@@ -57,10 +57,12 @@ def test_chapter_09_classification_quick(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
-def test_chapter_10_instruction_quick(tmp_path, backend):
+def test_chapter_10_instruction_quick_then_12_starts_from_its_checkpoint(tmp_path, backend):
     out = _run("10_instruction.py", tmp_path, backend, data=("instructions",))
     assert "train 935, validation 55, test 110" in out and "Model response:" in out
     assert (tmp_path / "checkpoint" / "tokenizer.json").is_file() and (tmp_path / "loss.png").is_file()
+    out = _run("12_dpo.py", tmp_path, backend, data=("preferences",))
+    assert "Starting from chapter 10's instruction-tuned model" in out
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cupy"])
@@ -68,6 +70,13 @@ def test_chapter_11_lora_quick(tmp_path, backend):
     out = _run("11_lora.py", tmp_path, backend, data=("sms_spam",))
     assert "gradcheck of low_rank_update (x, A, B): passed" in out
     assert "LoRA r=16 trains 2,371,616" in out and "test accuracy after merging" in out
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cupy"])
+def test_chapter_12_dpo_quick(tmp_path, backend):
+    out = _run("12_dpo.py", tmp_path, backend, data=("preferences",))
+    assert "Starting from a small GPT of OUR OWN with RANDOM weights" in out
+    assert "DPO loss at the start 0.693147" in out
 
 
 def test_chapter_09_uses_pretrained_weights_when_given(tmp_path):
