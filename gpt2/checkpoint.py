@@ -38,7 +38,7 @@ import minigrad as mg
 from minigrad import backend
 
 from . import safeio
-from .config import GPTConfig
+from .config import LORA_TARGETS, GPTConfig
 from .errors import GPT2Error
 from .model import GPTModel, build_uninitialised
 from .tokenizer import get_tokenizer, tokenizer_from_dict
@@ -256,6 +256,21 @@ def _read_config(path: Path) -> GPTConfig:
             raise GPT2Error(f"{path}: {name} must be true or false, got {str(d[name])[:40]}")
     if "dropout" in d and not _is_number(d["dropout"]):
         raise GPT2Error(f"{path}: dropout must be a number in [0, 1), got {str(d['dropout'])[:40]}")
+    # What a fine-tuned model became (absent, or null: a plain GPT-2)
+    if d.get("num_classes") is not None and not _is_int(d["num_classes"], 2):
+        raise GPT2Error(f"{path}: num_classes must be an integer >= 2 (a classifier) or null, got "
+                        f"{str(d['num_classes'])[:40]}")
+    if d.get("lora_rank") is not None and not _is_int(d["lora_rank"], 1):
+        raise GPT2Error(f"{path}: lora_rank must be a positive integer or null, got "
+                        f"{str(d['lora_rank'])[:40]}")
+    if d.get("lora_alpha") is not None and not (_is_number(d["lora_alpha"]) and d["lora_alpha"] > 0):
+        raise GPT2Error(f"{path}: lora_alpha must be a number > 0 or null, got {str(d['lora_alpha'])[:40]}")
+    targets = d.get("lora_targets")
+    if targets is not None and not (isinstance(targets, list) and all(t in LORA_TARGETS for t in targets)):
+        raise GPT2Error(f"{path}: lora_targets must be a list of layer names from {', '.join(LORA_TARGETS)}, "
+                        f"got {str(targets)[:40]}")
+    if targets is None:
+        d = {k: v for k, v in d.items() if k != "lora_targets"}
     try:
         return GPTConfig.from_dict(d)
     except GPT2Error as exc:

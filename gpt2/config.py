@@ -3,12 +3,19 @@
     cfg = gpt2_124m(context_length=256, dropout=0.1, qkv_bias=False, tie_embeddings=False)
 
 The course run (chapter 05) uses exactly that: the 124M shape, as *LLMs from Scratch* trains it.
+
+A fine-tuned model says what it became (gpt2/finetune), so that its checkpoint rebuilds it:
+`num_classes` (a classifier: the output head is Linear(emb_dim, num_classes) with a bias, in
+place of the language-model head) and `lora_rank`, `lora_alpha`, `lora_targets` (the Linear
+layers that carry an unmerged LoRA update, minigrad/lora.py). All default to a plain GPT-2 and
+are left out of `to_dict()` at their defaults, so older config.json files read the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import GPT2Error
@@ -24,6 +31,10 @@ class GPTConfig:
     dropout: float = 0.0         # on embeddings, attention weights and each residual branch
     qkv_bias: bool = True        # biases on the query/key/value projection (GPT-2 has them)
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2 does)
+    num_classes: int | None = None       # a classifier's classes (head: Linear(C, K) + bias); None: LM head
+    lora_rank: int | None = None         # LoRA's rank r on the `lora_targets` layers; None: no LoRA
+    lora_alpha: float | None = None      # LoRA's alpha (the update is scaled by alpha / r)
+    lora_targets: tuple = ()             # which Linear layers carry LoRA (names in LORA_TARGETS)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -38,6 +49,41 @@ class GPTConfig:
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise GPT2Error(f"{name} must be True or False, got {getattr(self, name)!r}")
+        k = self.num_classes
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 2):
+            raise GPT2Error(f"num_classes must be an integer >= 2 (or None for a language model), got {k!r}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        r, alpha, targets = self.lora_rank, self.lora_alpha, self.lora_targets
+        if isinstance(targets, list):
+            object.__setattr__(self, "lora_targets", targets := tuple(targets))
+        if r is None:
+            if alpha is not None or targets:
+                raise GPT2Error("lora_alpha and lora_targets need a lora_rank")
+            return
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise GPT2Error(f"lora_rank must be a positive integer (or None for no LoRA), got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+                or alpha <= 0:
+            raise GPT2Error(f"lora_alpha must be a number > 0 with a lora_rank, got {alpha!r}")
+        if not isinstance(targets, tuple) or not targets or \
+                any(t not in LORA_TARGETS for t in targets) or len(set(targets)) != len(targets):
+            raise GPT2Error(f"lora_targets must be a list of distinct layer names from "
+                            f"{', '.join(LORA_TARGETS)}, got {str(targets)[:60]}")
+        if "head" in targets and not self.has_head_layer:
+            raise GPT2Error("lora_targets names the head, but a tied language-model head is the token "
+                            "embedding, not a Linear layer")
+
+    @property
+    def has_head_layer(self) -> bool:
+        """Whether the output head is a Linear layer of its own (untied, or a classifier)."""
+        return self.num_classes is not None or not self.tie_embeddings
+
+    @property
+    def head_size(self) -> int:
+        """The head's outputs: the classes of a classifier, else the vocabulary."""
+        return self.num_classes if self.num_classes is not None else self.vocab_size
 
     @property
     def head_dim(self) -> int:
@@ -61,11 +107,32 @@ class GPTConfig:
             + 4 * C * C + 4 * C                              # mlp fc (C -> 4C)
             + 4 * C * C + C                                  # mlp proj (4C -> C)
         )
-        head = 0 if self.tie_embeddings else V * C
-        return V * C + T * C + L * per_block + 2 * C + head
+        if self.num_classes is not None:
+            head = C * self.num_classes + self.num_classes   # a classifier: weight and bias
+        else:
+            head = 0 if self.tie_embeddings else V * C
+        return V * C + T * C + L * per_block + 2 * C + head + self.lora_parameters()
+
+    def lora_parameters(self) -> int:
+        """LoRA's A (in, r) and B (r, out) of every adapted layer: r (in + out) each."""
+        if self.lora_rank is None:
+            return 0
+        C = self.emb_dim
+        sizes = {"attn.qkv": (C, 3 * C), "attn.proj": (C, C), "mlp.fc": (C, 4 * C), "mlp.proj": (4 * C, C)}
+        per_block = sum(i + o for t, (i, o) in sizes.items() if t in self.lora_targets)
+        head = C + self.head_size if "head" in self.lora_targets else 0
+        return self.lora_rank * (self.n_layers * per_block + head)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, leaving out the fine-tuning ones at their defaults (a plain GPT-2's
+        config.json is as it always was)."""
+        d = dataclasses.asdict(self)
+        for name in _FINETUNE_FIELDS:
+            if d[name] in (None, ()):
+                del d[name]
+        if "lora_targets" in d:
+            d["lora_targets"] = list(d["lora_targets"])   # (JSON has lists)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
@@ -78,6 +145,17 @@ class GPTConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+# The Linear layers LoRA may adapt, by the end of their dotted names: the four of every block
+# ("blocks.3.attn.qkv" ends with "attn.qkv") and the output head.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "head")
+_FINETUNE_FIELDS = ("num_classes", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def is_lora_target(name: str, targets) -> bool:
+    """Whether the layer at dotted `name` (e.g. "blocks.0.mlp.fc") is one of `targets`."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def gpt2_124m(**overrides) -> GPTConfig:

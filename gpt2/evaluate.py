@@ -10,6 +10,8 @@ The book's functions of the same names (*LLMs from Scratch*, chapter 5). A loss 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 import minigrad as mg
@@ -62,6 +64,18 @@ def evaluate_model(model, train_loader, val_loader, eval_iter: int | None, key: 
     finally:
         model.train()
     return train_loss, val_loss
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a run, as gpt2.train.train records and prints it. An `eval_fn` that
+    measures more than the loss (fine-tuning: a classifier's accuracy, DPO's rewards) returns
+    the extra numbers in `metrics` (recorded in History.metrics) and what to print of them in
+    `text` (appended to the log line after the losses, e.g. ", Train reward margin 0.015")."""
+    train_loss: float
+    val_loss: float
+    metrics: dict = field(default_factory=dict)
+    text: str = ""
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, **sampling) -> str:

@@ -18,8 +18,9 @@ import numpy as np
 import minigrad as mg
 from minigrad import backend, nn
 from minigrad import functional as F
+from minigrad.lora import apply_lora
 
-from .config import GPTConfig
+from .config import GPTConfig, is_lora_target
 from .errors import GPT2Error
 
 
@@ -126,9 +127,14 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(C)
-        # With tied embeddings the head reuses tok_emb.weight (V, C): logits = x @ W_tok^T.
-        self.head = None if config.tie_embeddings else nn.Linear(C, config.vocab_size, bias=False)
+        if config.num_classes is not None:   # a classifier (gpt2/finetune/classify.py): K logits, with a bias
+            self.head = nn.Linear(C, config.num_classes)
+        else:   # with tied embeddings the head reuses tok_emb.weight (V, C): logits = x @ W_tok^T
+            self.head = None if config.tie_embeddings else nn.Linear(C, config.vocab_size, bias=False)
         self._init_weights()
+        if config.lora_rank is not None:   # an unmerged LoRA fine-tune: its layers, to load its A and B into
+            apply_lora(self, config.lora_rank, config.lora_alpha,
+                       include=lambda name, layer: is_lora_target(name, config.lora_targets))
 
     def _init_weights(self) -> None:
         """GPT-2's initialisation: every weight matrix and embedding normal(0, 0.02), biases zero,

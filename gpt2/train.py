@@ -15,7 +15,8 @@ reader can watch it go from gibberish to (memorised) Wharton.
 data parallelism and clipping, the NaN guard, the progress bar) live in gpt2/train_extras.py;
 with TrainConfig's defaults each does nothing. Whoever calls train() plugs in the rest: `hooks`
 run after every step (the CLI saves checkpoints and answers Ctrl-C there), `loss_fn` replaces
-the language-model loss (fine-tuning), `comm` makes it data parallel.
+the language-model loss and `eval_fn` the evaluation (fine-tuning: gpt2/finetune), `comm`
+makes it data parallel.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from minigrad.optim import AdamW
 
 from . import evaluate
 from .errors import GPT2Error
-from .evaluate import evaluate_model, sample_text
+from .evaluate import Evaluation, evaluate_model, sample_text
 from .train_extras import (
     NonFiniteError,
     NonFiniteGuard,
@@ -49,7 +50,7 @@ __all__ = ["History", "NonFiniteError", "TrainConfig", "TrainState", "make_optim
 
 def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None = None, *,
           tokenizer=None, state: TrainState | None = None, history: History | None = None,
-          loss_fn=None, comm=None, hooks=(), log=None, **overrides) -> History:
+          loss_fn=None, eval_fn=None, comm=None, hooks=(), log=None, **overrides) -> History:
     """Train `model` in place and return the History of its evaluations.
 
     `config` fields may also be given as keyword arguments (`train(..., epochs=2)`). To continue
@@ -57,8 +58,11 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
     (gpt2/resume.py). Each of `hooks` is called as hook(state) after every step; one returning
     True ends training there, with every state consistent for a checkpoint. `log` prints a line
     (default: above the progress bar). `loss_fn(*batch, model)` gives a batch's loss (default:
-    evaluate.calc_loss_batch, the next-token cross-entropy). `comm`: data parallel, every rank
-    calling train() (see train_extras.Ranks).
+    evaluate.calc_loss_batch, the next-token cross-entropy). `eval_fn(model, train_loader,
+    val_loader, eval_iter, key)` -> evaluate.Evaluation replaces the evaluation (default: the
+    mean loss_fn of eval_iter batches of each loader), to measure more than the loss; it leaves
+    the model in training mode. `comm`: data parallel, every rank calling train() (see
+    train_extras.Ranks).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     loss_fn = loss_fn if loss_fn is not None else evaluate.calc_loss_batch
@@ -89,11 +93,12 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
                         optimizer.step()
                     step = state.step                 # 0-based index of this step, as the book prints
                     state.step += 1
-                    state.tokens_seen += tokens_in(batches)
-                    progress.end_step(epoch, loss)
+                    tokens = tokens_in(batches)       # (fine-tuning's padded batches vary in length)
+                    state.tokens_seen += tokens
+                    progress.end_step(epoch, loss, tokens)
                     if step % cfg.eval_every == 0 or (cfg.eval_final and state.step == n_steps):
                         _evaluate(model, train_loader, val_loader, optimizer, cfg, state, history,
-                                  step, epoch, position, progress, loss_fn)
+                                  step, epoch, position, progress, loss_fn, eval_fn)
                     state.epoch = train_loader.epoch  # epochs completed (the loader moved on)
                     if any([hook(state) for hook in hooks]):   # every hook runs, then maybe stop
                         return history
@@ -109,15 +114,18 @@ def train(model, train_loader, val_loader, optimizer, config: TrainConfig | None
 
 
 def _evaluate(model, train_loader, val_loader, optimizer, cfg, state, history, step, epoch, position,
-              progress, loss_fn) -> None:
-    """Train and validation loss (prepared datasets: random batches picked by the step), recorded
-    in the history and printed as the book does."""
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, cfg.eval_iter, key=step,
-                                          loss_fn=loss_fn)
-    history.record(step, epoch + position, state.tokens_seen, train_loss, val_loss,
-                   optimizer.param_groups[0]["lr"])
-    progress.say(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}, "
-                 f"Tokens seen {state.tokens_seen:,}{progress.rate()}")
+              progress, loss_fn, eval_fn) -> None:
+    """Train and validation loss (prepared datasets: random batches picked by the step), and
+    whatever else `eval_fn` measures, recorded in the history and printed as the book does."""
+    if eval_fn is None:
+        ev = Evaluation(*evaluate_model(model, train_loader, val_loader, cfg.eval_iter, key=step,
+                                        loss_fn=loss_fn))
+    else:
+        ev = eval_fn(model, train_loader, val_loader, cfg.eval_iter, key=step)
+    history.record(step, epoch + position, state.tokens_seen, ev.train_loss, ev.val_loss,
+                   optimizer.param_groups[0]["lr"], ev.metrics)
+    progress.say(f"Ep {epoch + 1} (Step {step:06d}): Train loss {ev.train_loss:.3f}, Val loss "
+                 f"{ev.val_loss:.3f}{ev.text}, Tokens seen {state.tokens_seen:,}{progress.rate()}")
 
 
 def _reached_max_steps(state, cfg) -> bool:
@@ -206,13 +214,19 @@ class History:
     train_losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)       # each evaluation's further numbers ({} if none)
     samples: list = field(default_factory=list)       # one generated text per epoch
     seconds: float = 0.0                              # wall time spent in train()
 
-    def record(self, step, epochs, tokens_seen, train_loss, val_loss, lr) -> None:
+    def record(self, step, epochs, tokens_seen, train_loss, val_loss, lr, metrics=None) -> None:
         for name, value in zip(("steps", "epochs", "tokens_seen", "train_losses", "val_losses", "lrs"),
                                (step, epochs, tokens_seen, train_loss, val_loss, lr)):
             getattr(self, name).append(value)
+        self.metrics.append(dict(metrics or {}))
+
+    def metric(self, name: str) -> list:
+        """One of the further numbers at every evaluation (None where it was not measured)."""
+        return [m.get(name) for m in self.metrics]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,6 +243,12 @@ class History:
             if not (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                 for x in v)):
                 raise ValueError(f"history.{name} must be a list of numbers")
+        if not (isinstance(h.metrics, list) and all(
+                isinstance(m, dict) and all(isinstance(k, str) and isinstance(x, (int, float))
+                                            and not isinstance(x, bool) for k, x in m.items())
+                for m in h.metrics) and len(h.metrics) <= len(h.steps)):
+            raise ValueError("history.metrics must be a list of {name: number} objects, one per evaluation")
+        h.metrics = [{}] * (len(h.steps) - len(h.metrics)) + h.metrics   # (saved before it existed)
         if not (isinstance(h.samples, list) and all(isinstance(x, str) for x in h.samples)):
             raise ValueError("history.samples must be a list of strings")
         if not (isinstance(h.seconds, (int, float)) and not isinstance(h.seconds, bool)

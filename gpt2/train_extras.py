@@ -211,6 +211,7 @@ class Progress:
         self.seconds, self.steps, self.tokens = 0.0, 0, 0
         self.ms = 0.0
         self._t = 0.0
+        self._left, self._run_steps, self._run_tokens = total_steps - done_steps, 0, 0   # the bar's estimate
 
     def __enter__(self):
         return self
@@ -222,13 +223,21 @@ class Progress:
     def start_step(self) -> None:
         self._t = time.perf_counter()
 
-    def end_step(self, epoch: int, loss: float) -> None:
+    def end_step(self, epoch: int, loss: float, tokens: int | None = None) -> None:
+        """A step is done: `tokens` it trained on (default: tokens_per_step, a full batch)."""
+        tokens = self.tokens_per_step if tokens is None else tokens
         self.seconds += time.perf_counter() - self._t
         self.steps += 1
-        self.tokens += self.tokens_per_step
+        self.tokens += tokens
         self.ms = 1000.0 * self.seconds / self.steps
+        self._left -= 1
+        self._run_steps += 1
+        self._run_tokens += tokens
         if self.bar is not None:
-            self.bar.update(self.tokens_per_step)
+            self.bar.update(tokens)
+            if tokens != self.tokens_per_step:   # batches padded to their own length (fine-tuning):
+                mean = self._run_tokens / self._run_steps   # the bar's total: the rest at the mean so far
+                self.bar.total = self.bar.n + round(mean * max(self._left, 0))
             self.bar.set_postfix(ep=epoch + 1, loss=f"{loss:.3f}", ms_step=f"{self.ms:.0f}", refresh=False)
 
     def rate(self) -> str:

@@ -1,5 +1,7 @@
 """`python -m gpt2 generate`: continue a prompt with a checkpoint of ours or OpenAI's weights,
-printing each token as it is made."""
+printing each token as it is made. A checkpoint that names a prompt template (instruction-tuned:
+`finetune instruct` records "alpaca") answers the prompt as an instruction, in that template,
+and only the answer is printed; --raw continues the prompt as it is."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import pretrained
+from ..chat import Chat, template_of_checkpoint
 from ..checkpoint import load_model, load_tokenizer
 from ..errors import GPT2Error
 from ..generate import TextStream, check_sampling_args, generate_stream
 from ..tokenizer import get_tokenizer
-from .flags import default_backend, flag_name, require_positive, use_backend
+from .flags import add_flag, flag_name, require_positive, use_backend
 
 
 def add_model_arguments(p) -> None:
@@ -25,8 +28,7 @@ def add_model_arguments(p) -> None:
                      help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched through "
                      "huggingface_hub into the Hugging Face cache where it is installed, else downloaded "
                      "directly into our cache), or a local directory holding them")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=default_backend(),
-                   help="numpy (CPU) or cupy (NVIDIA GPU) (default: $MINIGRAD_BACKEND, else numpy)")
+    add_flag(p, "backend")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="our cache for --pretrained NAME (default $GPT2_CACHE, else "
                    "~/.cache/minigrad-gpt2): a name missing there is downloaded directly into it, not "
@@ -57,6 +59,9 @@ def add_arguments(p) -> None:
     add_sampling_arguments(p)
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="continue the prompt N times (sample i is seeded with --seed + i)")
+    p.add_argument("--raw", action="store_true",
+                   help="a checkpoint that names a prompt template (instruction-tuned): continue the prompt "
+                   "as it is, instead of answering it as an instruction in the template")
 
 
 def check_sampling(args) -> None:
@@ -79,6 +84,10 @@ def load_model_and_tokenizer(args):
     else:
         model = pretrained.load_pretrained(args.pretrained, backend=args.backend, cache_dir=args.cache_dir)
         tokenizer = get_tokenizer()
+    if model.config.num_classes is not None:
+        raise GPT2Error(f"{args.checkpoint} is a classifier ({model.config.num_classes} classes, fine-tuned "
+                        "with `finetune classify`), not a language model: it has no head to predict tokens "
+                        "with; classify texts from Python with gpt2.finetune.classify_text")
     return model, tokenizer
 
 
@@ -109,10 +118,14 @@ def run(args) -> int:
     require_positive("--num-samples", args.num_samples)
     prompt = read_prompt(args)
     model, tokenizer = load_model_and_tokenizer(args)
+    templated = args.checkpoint is not None and not args.raw
+    template = template_of_checkpoint(args.checkpoint) if templated else None
     try:
         ids = np.asarray(tokenizer.encode(prompt), dtype=np.int64)
     except GPT2Error as exc:
         raise GPT2Error(f"the prompt: {exc}") from None
+    if template is not None:
+        return _answer(args, model, tokenizer, template, prompt)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} of {args.num_samples} ---")
@@ -124,4 +137,19 @@ def run(args) -> int:
                                      seed=seed, use_cache=not args.no_cache):
             print(stream.add(token), end="", flush=True)
         print(stream.end(), flush=True)
+    return 0
+
+
+def _answer(args, model, tokenizer, template, prompt: str) -> int:
+    """The prompt answered as an instruction in the checkpoint's template: only the answer is
+    printed, as it is made (gpt2/chat.py's Chat, one turn)."""
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} of {args.num_samples} ---")
+        chat = Chat(model, tokenizer, template, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    use_cache=not args.no_cache)
+        for piece in chat.reply(prompt, seed=None if args.seed is None else args.seed + i):
+            print(piece, end="", flush=True)
+        print(flush=True)
     return 0

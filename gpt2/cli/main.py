@@ -1,4 +1,4 @@
-"""The command line: `python -m gpt2 prepare | train | generate | chat | eval | bench | selftest`.
+"""The command line: `python -m gpt2 prepare | train | finetune | generate | chat | eval | bench | selftest`.
 
 A thin layer over functions a user could call from Python: it parses flags, checks them, calls
 the library (gpt2.prepare, gpt2.train, gpt2.checkpoint, gpt2.generate, ...), and turns our own
@@ -6,8 +6,8 @@ errors (GPT2Error, minigrad's BackendError) into one line on stderr, `error: ...
 
 Here: the parser and `main`. Each command is a module of this package with `add_arguments(p)`
 and `run(args)`: prepare.py, train.py (its flags in train_flags.py, its run directory in
-run_saver.py, its ranks under mpiexec in ranks.py), generate.py, chat.py, eval.py, bench.py,
-selftest.py.
+run_saver.py, its ranks under mpiexec in ranks.py), finetune.py, generate.py, chat.py, eval.py,
+bench.py, selftest.py.
 
 Flags are forgiving where that is safe: nanoGPT's spellings work (`--n_layer=4` is `--n-layer 4`:
 underscores in a flag's name are read as hyphens), and an unknown flag is answered with the
@@ -16,6 +16,7 @@ command's closest flags ("did you mean --max-steps?") and a pointer to that comm
     python -m gpt2 train --out runs/verdict                       # the course run (chapter 05)
     python -m gpt2 train --resume runs/verdict                    # continue it after Ctrl-C or a crash
     python -m gpt2 generate --checkpoint runs/verdict --prompt "Every effort moves you"
+    python -m gpt2 finetune classify --pretrained gpt2 --out runs/classify      # the book's chapter 6
     python -m gpt2 prepare shakespeare --tokenizer char --out data/shakespeare_char
     python -m gpt2 train --data data/shakespeare_char ...                # see README: Shakespeare
     mpiexec -n 2 python -m gpt2 train --batch-size 1               # data parallel: 2 ranks x batch 1
@@ -31,7 +32,7 @@ import minigrad as mg
 from minigrad import distributed
 
 from ..errors import GPT2Error
-from . import bench, chat, generate, prepare, selftest, train, train_flags
+from . import bench, chat, finetune, generate, prepare, selftest, train, train_flags
 from . import eval as eval_
 from .flags import PROG, one_line, version
 
@@ -74,6 +75,13 @@ COMMANDS = (
      "Train a GPT-2 from scratch. The defaults are the course run of chapter 05 (LLMs from Scratch, "
      "chapter 5): the 124M shape with context 256, dropout 0.1, no qkv bias and an untied output head, "
      "AdamW lr 4e-4 and weight decay 0.1, batch 2, 10 epochs, seed 123, on The Verdict."),
+    ("finetune", finetune, finetune.add_arguments,
+     "fine-tune a GPT-2: classify spam, follow instructions, DPO",
+     "Fine-tune OpenAI's GPT-2 (--pretrained) or a checkpoint of ours (--checkpoint) as LLMs from Scratch "
+     "does, on the training loop of `train`: classify (chapter 6: SMS spam, a new 2-class head, the last "
+     "block trained, or LoRA), instruct (chapter 7: Alpaca-formatted instructions, then the test set's "
+     "responses) or dpo (chapter 7's DPO notebook: chosen over rejected answers, against a frozen "
+     "reference). The defaults are the book's for each task; --resume continues a run exactly."),
     ("generate", generate, generate.add_arguments, "continue a prompt with a trained model",
      "Continue a prompt with a checkpoint from `train`, or with OpenAI's pretrained weights; the tokens "
      "are printed as they are made. Temperature 0 is greedy decoding."),
@@ -97,8 +105,8 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; `parser.commands` maps each command's name to its subparser."""
     parser = _Parser(
-        prog=PROG, description="GPT-2 from scratch on minigrad: prepare data, train, generate, chat, "
-        "evaluate, benchmark.")
+        prog=PROG, description="GPT-2 from scratch on minigrad: prepare data, train, fine-tune, generate, "
+        "chat, evaluate, benchmark.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{" + ",".join(c[0] for c in COMMANDS) + "}")

@@ -38,15 +38,16 @@ def check_best_dir(out: Path) -> None:
                         "it; move it away, choose another --out, or leave out --keep-best")
 
 
-def check_out_dir(out: Path, overwrite: bool, keep_best: bool = False) -> None:
-    """Refuse to replace someone's checkpoint (checked before training, not after hours of it)."""
+def check_out_dir(out: Path, overwrite: bool, keep_best: bool = False, outputs=()) -> None:
+    """Refuse to replace someone's checkpoint (checked before training, not after hours of it).
+    `outputs`: the other files the command writes at the top of `out` (beside loss.png)."""
     if out.exists() and not out.is_dir():
         raise GPT2Error(f"--out {out} exists and is not a directory; choose another --out")
     if keep_best:
         check_best_dir(out)
     ours = [p.name for p in list_checkpoints(out)][-3:]
     single = (out / MODEL_FILE).is_file()   # a checkpoint saved straight into the folder
-    ours += [n for n in (*(CHECKPOINT_FILES if single else ()), LATEST_FILE, "loss.png")
+    ours += [n for n in (*(CHECKPOINT_FILES if single else ()), LATEST_FILE, "loss.png", *outputs)
              if (out / n).exists()]
     ours += [BEST_DIR] if (out / BEST_DIR / MODEL_FILE).is_file() else []
     if ours and not overwrite:
@@ -55,12 +56,14 @@ def check_out_dir(out: Path, overwrite: bool, keep_best: bool = False) -> None:
                         "--out, or pass --overwrite to replace it")
 
 
-def clear_out_dir(out: Path) -> None:
-    """--overwrite: remove the previous run's checkpoints from `out` (nothing else)."""
+def clear_out_dir(out: Path, outputs=()) -> None:
+    """--overwrite: remove the previous run's checkpoints (and `outputs`, the command's other
+    files, as check_out_dir) from `out`, nothing else."""
     if not out.is_dir():
         return
     single = (out / MODEL_FILE).is_file()   # a checkpoint's files straight in the folder (else a
-    for n in (LATEST_FILE, *(CHECKPOINT_FILES if single else ()), "loss.png"):   # config.json is yours)
+    mine = (*(CHECKPOINT_FILES if single else ()), "loss.png", *outputs)   # config.json there is yours)
+    for n in (LATEST_FILE, *mine):
         (out / n).unlink(missing_ok=True)   # `latest` first: nothing points at a half-deleted checkpoint
     for ckpt in list_checkpoints(out):
         shutil.rmtree(ckpt)

@@ -135,13 +135,13 @@ def _train(args, comm, setup: dict) -> int:
             saver.save()
 
     first_step = state.step
-    with _graceful_stop() as stop:
+    with graceful_stop() as stop:
         stop_asked = lambda st: ranks.stop_asked_on_any_rank(comm, stop)   # Ctrl-C/SIGTERM on any rank
         try:
             run_training(model, data.train_loader, data.val_loader, optimizer, cfg, tokenizer=data.tokenizer,
                          state=state, history=history, comm=comm, hooks=(save_checkpoints, stop_asked))
         except NonFiniteError as exc:
-            raise _nonfinite_error(exc, out) from None
+            raise nonfinite_error(exc, out) from None
         final = saver.save_final()                                                   # 5.
     _report(saver, final, first_step, stopped=stop["signal"] is not None, keep_best=args.keep_best)
     if stop["signal"] is None:
@@ -339,7 +339,7 @@ def _print_resuming(resume: _Resume, comm, train_loader, state, steps: int) -> N
 
 
 @contextlib.contextmanager
-def _graceful_stop():
+def graceful_stop():
     """While training: the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
     step and save a checkpoint; a second Ctrl-C stops at once, without saving (the previous
     checkpoint stays the latest). Yields a dict whose "signal" is set when asked to stop."""
@@ -364,10 +364,11 @@ def _graceful_stop():
             signal.signal(s, h)
 
 
-def _nonfinite_error(exc: NonFiniteError, out: Path) -> GPT2Error:
-    """A NaN/inf loss or gradient: the error every rank raises, naming the checkpoint to go back to."""
+def nonfinite_error(exc: NonFiniteError, out: Path, command: str = "train") -> GPT2Error:
+    """A NaN/inf loss or gradient: the error every rank raises, naming the checkpoint to go back to
+    (`command`: the command that resumes it, e.g. "finetune classify")."""
     last = ck.latest_checkpoint(out)
-    kept = (f"the last good checkpoint, {last}, is kept: resume from it with `{PROG} train --resume "
+    kept = (f"the last good checkpoint, {last}, is kept: resume from it with `{PROG} {command} --resume "
             f"{out}` (e.g. with a lower --lr)" if last is not None else
             "no checkpoint had been saved yet (--save-every N saves one every N steps)")
     err = GPT2Error(f"{exc}; {kept}")

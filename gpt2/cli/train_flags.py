@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
 from ..errors import GPT2Error
 from ..train import TrainConfig
-from .flags import PROG, default_backend, flag_name, require_finite, require_positive
+from .flags import PROG, StrictParser, add_flag, flag_name, require_finite, require_positive
 
 DEFAULT_SAMPLE_PROMPT = "Every effort moves you"   # The Verdict's first words, as in the book
 
@@ -48,19 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight initialisation: book = PyTorch's layer defaults, as LLMs from Scratch "
                    "(the course run); gpt2 = GPT-2's normal(0, 0.02), better with warmup and a tied head")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training data")
-    t.add_argument("--max-steps", "--max-iters", type=int, default=None, metavar="N",
-                   help="stop after N optimizer steps (default: no limit)")
-    t.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per step (per rank "
-                   "under mpiexec: the global batch is ranks x N)")
+    add_flag(t, "epochs", 10)
+    add_flag(t, "max_steps")
+    add_flag(t, "batch_size", 2,
+             help="windows per step (per rank under mpiexec: the global batch is ranks x N)")
     t.add_argument("--zero", type=int, choices=[0, 1], default=0, metavar="{0,1}",
                    help="1: shard AdamW's moments across the ranks (ZeRO-1; needs mpiexec -n 2 or more)")
-    t.add_argument("--lr", "--learning-rate", type=float, default=4e-4, metavar="X",
-                   help="AdamW learning rate (peak "
-                   "learning rate with --warmup-steps)")
-    t.add_argument("--weight-decay", type=float, default=0.1, metavar="X",
-                   help="AdamW decoupled weight decay (on every parameter as in the book, unless "
-                   "--no-decay-all)")
+    add_flag(t, "lr", 4e-4, extra="(peak learning rate with --warmup-steps)")
+    add_flag(t, "weight_decay", 0.1, extra="(on every parameter as in the book, unless --no-decay-all)")
     t.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=True,
                    help="weight decay on every parameter (the book); --no-decay-all: only on matrices, "
                    "not biases and LayerNorm (GPT-2, nanoGPT)")
@@ -74,39 +69,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "step (default: constant lr)")
     t.add_argument("--min-lr", type=float, default=None, metavar="X",
                    help="learning rate at the end of the cosine decay (default: --lr / 10)")
-    t.add_argument("--grad-clip", type=float, default=None, metavar="X",
-                   help="clip the global gradient norm to X (default: no clipping)")
-    t.add_argument("--eval-every", "--eval-interval", type=int, default=5, metavar="N",
-                   help="print train and val loss every N steps (the log's Step 0 is the first step, as the "
-                   "book counts; checkpoint ckpt-N holds the weights after N steps)")
-    t.add_argument("--eval-iter", "--eval-iters", type=int, default=5, metavar="N",
-                   help="batches of each loader averaged per evaluation (random batches for a prepared "
-                   "dataset)")
+    add_flag(t, "grad_clip")
+    add_flag(t, "eval_every", 5)
+    add_flag(t, "eval_iter", 5, extra="(random batches for a prepared dataset)")
     t.add_argument("--keep-best", action="store_true",
                    help="also keep the checkpoint with the lowest validation loss so far, as --out/best")
     t.add_argument("--sample-prompt", default=None, metavar="TEXT",
                    help="prompt continued (greedily, 50 tokens) after each epoch; '' to skip (default: "
                    f"\"{DEFAULT_SAMPLE_PROMPT}\" for a text file; the first line of a prepared dataset)")
-    t.add_argument("--seed", type=int, default=123, metavar="N",
-                   help="seed for weights, dropout and the shuffle order")
-    t.add_argument("--backend", choices=["numpy", "cupy"], default=default_backend(),
-                   help="numpy (CPU) or cupy (NVIDIA GPU) (default: $MINIGRAD_BACKEND, else numpy)")
-    t.add_argument("--out", metavar="DIR", default="runs/train",
-                   help="run directory for the checkpoints (ckpt-<step>/, `latest`) and loss.png")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace a checkpoint already in --out (otherwise that is an error)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flag(t, "seed", 123)
+    add_flag(t, "backend")
+    add_flag(t, "out", "runs/train")
+    add_flag(t, "overwrite")
+    add_flag(t, "no_progress")
     r = p.add_argument_group("checkpoints and resuming")
-    r.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the run saved in DIR (a run directory: its `latest` checkpoint; or one "
-                   "ckpt-<step> directory) exactly where it stopped, with its settings; only --epochs, "
-                   "--max-steps, --lr, --grad-clip, --eval-every, --eval-iter, --sample-prompt, "
-                   "--save-every, --keep, --keep-best, --skip-nonfinite, --backend, --data (same "
-                   "contents), --zero and --no-progress may be changed; the number of ranks may change too")
-    r.add_argument("--save-every", type=int, default=100, metavar="N",
-                   help="save a checkpoint every N steps (and always at the end and on Ctrl-C)")
-    r.add_argument("--keep", type=int, default=2, metavar="N",
-                   help="keep the newest N checkpoints in --out, deleting older ones")
+    add_flag(r, "resume", extra="; only --epochs, --max-steps, --lr, --grad-clip, --eval-every, --eval-iter, "
+             "--sample-prompt, --save-every, --keep, --keep-best, --skip-nonfinite, --backend, --data (same "
+             "contents), --zero and --no-progress may be changed; the number of ranks may change too")
+    add_flag(r, "save_every", 100)
+    add_flag(r, "keep", 2)
     r.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradient is NaN/inf instead of stopping")
 
@@ -198,17 +179,29 @@ def check_args(args, world_size: int) -> GPTConfig:
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
                      "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data",
                      "zero")
-def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
+
+
+def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None, *, command: str = "train",
+                 parse=None, may_change=RESUME_MAY_CHANGE):
     """The flags of the run saved in `ckpt_dir`, with the ones this command changes on top.
 
     A flag left at its default takes the run's value; a flag given with another value is an
-    error unless it is one of RESUME_MAY_CHANGE (a resumed run must rebuild the same model, data
-    and schedule to continue exactly)."""
+    error unless it is one of `may_change` (a resumed run must rebuild the same model, data
+    and schedule to continue exactly). `command` is the command resuming (train, finetune: a
+    run records the one that saved it, train's by saying nothing) and `parse(argv)` its flags'
+    strict parser (a dict of values; default: train's)."""
     run = (trainer_state or {}).get("run")
     if not isinstance(trainer_state, dict) or "loader" not in trainer_state or not isinstance(run, dict):
-        raise GPT2Error(f"{ckpt_dir} was not saved by `{PROG} train` (it has no run settings or data loader "
-                        "position), so it cannot be resumed; it can still be used with generate --checkpoint")
-    defaults = _defaults()
+        raise GPT2Error(f"{ckpt_dir} was not saved by `{PROG} {command}` (it has no run settings or data "
+                        "loader position), so it cannot be resumed; it can still be used with generate "
+                        "--checkpoint")
+    saved_by = run.get("command", "train")
+    if saved_by != command:
+        raise GPT2Error(f"{ckpt_dir} is a run of `{PROG} {saved_by}`, not of `{PROG} {command}`; resume it "
+                        f"with `{PROG} {saved_by}" + (" TASK" if saved_by == "finetune" else "")
+                        + f" --resume {ckpt_dir}`")
+    parse = parse or (lambda argv: vars(_parser().parse_args(argv)))
+    defaults = parse([])
     explicit = getattr(args, "given", None)   # the flags on the command line (set by cli.main)
     merged = argparse.Namespace(**vars(args))
     changes = []
@@ -216,14 +209,14 @@ def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
         if key not in run:
             continue                      # saved by an older version: this command's value
         saved = run[key]
-        if not _could_be_given(key, saved, defaults[key]):
+        if not _could_be_given(key, saved, defaults[key], parse):
             raise GPT2Error(f"{ckpt_dir}/trainer_state.json: the run setting {key} has an invalid value "
                             f"{str(saved)[:40]} (the checkpoint is damaged)")
         given = getattr(args, key)
         left_out = key not in explicit if explicit is not None else given == defaults[key]
         if left_out or given == saved:
             setattr(merged, key, saved)
-        elif key in RESUME_MAY_CHANGE:
+        elif key in may_change:
             changes.append(f"{flag_name(key)} {given} (was {saved})")
         else:
             raise GPT2Error(f"{flag_name(key)} {given} differs from the run being resumed ({saved}); a "
@@ -232,34 +225,22 @@ def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None):
     return merged, changes
 
 
-class _StrictParser(argparse.ArgumentParser):
-    """The train flags alone, raising ValueError on a bad value instead of printing and exiting."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _StrictParser(add_help=False)
+    parser = StrictParser(add_help=False)   # the train flags alone
     add_arguments(parser)
     return parser
 
 
-def _defaults() -> dict:
-    """Every train flag's default (what `train` alone parses to)."""
-    return vars(_parser().parse_args([]))
-
-
-def _could_be_given(key: str, saved, default) -> bool:
+def _could_be_given(key: str, saved, default, parse) -> bool:
     """Whether a saved run setting is a value the flag `key` can take: the type of its default,
     or (a flag whose default is None) the same value back when parsed from the command line."""
     if saved is None or saved == default:
         return True
-    if isinstance(default, bool) or isinstance(saved, bool):
-        return isinstance(saved, bool) and isinstance(default, bool)
+    if isinstance(default, bool) or isinstance(saved, bool):   # (None: an on/off flag of a task's default)
+        return isinstance(saved, bool) and (isinstance(default, bool) or default is None)
     if isinstance(default, (int, float, str)):
         return isinstance(saved, type(default)) or (isinstance(default, float) and isinstance(saved, int))
     try:
-        return vars(_parser().parse_args([flag_name(key), str(saved)]))[key] == saved
+        return parse([flag_name(key), str(saved)])[key] == saved
     except ValueError:
         return False

@@ -20,13 +20,23 @@ import numpy as np
 from minigrad import F, nn, no_grad
 from minigrad.tensor import Tensor
 
+from ..errors import GPT2Error
+from ..evaluate import Evaluation
+
 
 def add_classifier_head(model, num_classes: int = 2):
     """Replace the model's output head by a fresh Linear(emb_dim, num_classes) with a bias (the
-    book's `model.out_head`); returns it. The model then outputs (B, T, num_classes) logits."""
-    head = nn.Linear(model.config.emb_dim, num_classes)
+    book's `model.out_head`, PyTorch's initialisation from minigrad's seeded generator); returns
+    it. The model then outputs (B, T, num_classes) logits, and its config says so
+    (`num_classes`), so a checkpoint of it reloads as the classifier it is."""
+    config = model.config
+    if config.lora_rank is not None and "head" in config.lora_targets:
+        raise GPT2Error("the model's head carries LoRA; add the classifier head before LoRA")
+    config = config.replace(num_classes=num_classes)   # (checks num_classes)
+    head = nn.Linear(config.emb_dim, num_classes)
     head.to(model.tok_emb.weight.dtype)
     model.head = head
+    model.config = config
     return head
 
 
@@ -74,3 +84,32 @@ def evaluate_classifier(model, loader, max_batches: int | None = None) -> tuple[
     if not seen:
         return float("nan"), float("nan")
     return float(np.mean(losses)), correct / seen
+
+
+def classification_evaluation(model, train_loader, val_loader, eval_iter: int | None, key: int = 0
+                              ) -> Evaluation:
+    """What gpt2.train.train evaluates every eval_every steps for a classifier (its `eval_fn`):
+    the loss of `eval_iter` batches of each loader, as the book prints, and their accuracy, from
+    the same logits, recorded in the history for the accuracy plot."""
+    train_loss, train_acc = evaluate_classifier(model, train_loader, eval_iter)
+    val_loss, val_acc = evaluate_classifier(model, val_loader, eval_iter)
+    return Evaluation(train_loss, val_loss, {"train_accuracy": train_acc, "val_accuracy": val_acc})
+
+
+def classify_text(model, tokenizer, text: str, max_length: int, pad_id: int = 50256
+                  ) -> tuple[int, np.ndarray]:
+    """The class of one text and the probabilities of all classes (the book's classify_review):
+    its tokens cut to `max_length` and padded to it with `pad_id`, as the training messages were
+    (the SMS data: 120 tokens), through the classifier."""
+    ids = tokenizer.encode(text)[:min(max_length, model.config.context_length)]
+    ids = np.array([ids + [pad_id] * (max_length - len(ids))], dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            logits = last_token_logits(model, ids).numpy()[0].astype(np.float64)
+    finally:
+        model.train(was_training)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    return int(np.argmax(probs)), probs

@@ -68,10 +68,13 @@ def collate_preferences(prompts: list[list[int]], chosen: list[list[int]], rejec
 class PreferenceDataset:
     """Entries tokenized once: the prompt alone, prompt + chosen response, prompt + rejected
     response (each response after "\\n\\n### Response:\\n", as the book's PreferenceDataset).
-    `batch(index)` gives (chosen, rejected) SequenceBatches, for gpt2.data's DataLoader."""
+    `batch(index)` gives (chosen, rejected) SequenceBatches, for gpt2.data's DataLoader; with
+    `stacked`, one (ids, mask) pair of (2B, T) arrays instead, the B chosen rows first, then the
+    B rejected ones (`dpo.dpo_stacked_loss` runs each model once over both, and a training loop
+    that counts a batch's tokens by its first array counts both)."""
 
     def __init__(self, entries: list[dict], tokenizer, max_length: int | None = None,
-                 mask_prompt: bool = True, pad_id: int = PAD_ID):
+                 mask_prompt: bool = True, pad_id: int = PAD_ID, stacked: bool = False):
         self.entries = entries
         self.prompts, self.chosen, self.rejected = [], [], []
         for entry in entries:
@@ -79,18 +82,21 @@ class PreferenceDataset:
             self.prompts.append(tokenizer.encode(prompt))
             self.chosen.append(tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['chosen']}"))
             self.rejected.append(tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['rejected']}"))
-        self.mask_prompt, self.pad_id = mask_prompt, pad_id
+        self.mask_prompt, self.pad_id, self.stacked = mask_prompt, pad_id, stacked
         self.max_length = max_length if max_length is not None else \
             max((len(s) + 1 for s in (*self.chosen, *self.rejected)), default=0)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def batch(self, index) -> tuple[SequenceBatch, SequenceBatch]:
+    def batch(self, index) -> tuple[SequenceBatch, SequenceBatch] | tuple[np.ndarray, np.ndarray]:
         index = np.asarray(index).reshape(-1)
-        return collate_preferences([self.prompts[i] for i in index], [self.chosen[i] for i in index],
-                                   [self.rejected[i] for i in index], self.pad_id, self.max_length,
-                                   self.mask_prompt)
+        chosen, rejected = collate_preferences(
+            [self.prompts[i] for i in index], [self.chosen[i] for i in index],
+            [self.rejected[i] for i in index], self.pad_id, self.max_length, self.mask_prompt)
+        if self.stacked:
+            return np.concatenate([chosen.ids, rejected.ids]), np.concatenate([chosen.mask, rejected.mask])
+        return chosen, rejected
 
 
 def preference_loader(dataset: PreferenceDataset, batch_size: int, shuffle: bool = False,
