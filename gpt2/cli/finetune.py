@@ -53,15 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "rejected ones (chapter 7's DPO notebook)")
     src = p.add_argument_group("the model to fine-tune (one of)")
     src.add_argument("--pretrained", metavar="NAME_OR_DIR",
-                     help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a directory in "
-                     "the Hugging Face layout")
+                     help="OpenAI's GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched through "
+                     "huggingface_hub into the Hugging Face cache where it is installed, else downloaded "
+                     "directly into our cache), or a directory in the Hugging Face layout")
     src.add_argument("--checkpoint", metavar="DIR",
                      help="a checkpoint of ours (from train or finetune; a run directory: its latest); "
                      "one with LoRA is merged first")
     add_flag(src, "resume", extra="; only " + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE[:-1])
              + f" and {flag_name(RESUME_MAY_CHANGE[-1])} may be changed (--data: the same contents)")
     src.add_argument("--cache-dir", metavar="DIR", default=None,
-                     help="where --pretrained weights are downloaded and cached")
+                     help="our cache for --pretrained NAME (default $GPT2_CACHE, else "
+                     "~/.cache/minigrad-gpt2): a name missing there is downloaded directly into it, not "
+                     "through huggingface_hub")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="FILE", default=None,
                    help="the task's data file, a copy of the book's (default: SMSSpamCollection, "
