@@ -127,3 +127,32 @@ def cupy_unusable(request, monkeypatch):
 @pytest.fixture
 def cupy_not_installed(monkeypatch):
     monkeypatch.setattr(minigrad.backend, "_import_cupy", _cupy_not_installed)
+
+
+# The CuPy stand-in runs most tests a second time. A few of those second runs repeat on it what
+# another stand-in run in the default suite already checks (the same code path at another size,
+# or a chapter whose every step the CLI's stand-in tests take too), at 10-20 s each on 2 cores:
+# they run with `pytest -m slow`, so that the default suite stays within minutes.
+STANDIN_REPEATS_RUN_WITH_SLOW = {
+    "test_resume.py::test_interrupted_and_resumed_equals_uninterrupted[cupy-1]",    # [cupy-70] stays
+    "test_resume.py::test_interrupted_and_resumed_equals_uninterrupted[cupy-6]",
+    "test_resume.py::test_interrupted_and_resumed_equals_uninterrupted[cupy-epoch end]",
+    "test_model.py::test_whole_model_gradcheck_float64[cupy-True]",                 # [cupy-False] stays
+    "test_chapters_gpt2.py::test_chapter_05_quick[cupy]",         # test_cli/test_resume: train on cupy
+    "test_chapters_finetune.py::test_chapter_09_classification_quick[cupy]",   # test_finetune_on_cupy
+    "test_chapters_finetune.py::test_chapter_10_instruction_quick_then_12_starts_from_its_checkpoint[cupy]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    found = set()
+    for item in items:
+        name = f"{Path(item.fspath).name}::{item.name}"
+        if name in STANDIN_REPEATS_RUN_WITH_SLOW:
+            item.add_marker(pytest.mark.slow)
+            found.add(name)
+    if len(items) > 500 and found != STANDIN_REPEATS_RUN_WITH_SLOW:   # a whole-suite collection
+        missing = ", ".join(sorted(STANDIN_REPEATS_RUN_WITH_SLOW - found))
+        raise pytest.UsageError(f"conftest.STANDIN_REPEATS_RUN_WITH_SLOW names tests that no longer "
+                                f"exist: {missing}")
