@@ -239,9 +239,11 @@ assert abs(start.loss.item() - math.log(2)) < 1e-6 and start.reward_margin == 0.
 # Before and after, the same pairs measure what changed: the first two training batches (the
 # pairs of steps 0 and 1) and pairs from the validation set, which DPO never trains on.
 #
-# There is no `train()` call here: a DPO batch is a pair of batches, and each step needs four
-# forward passes, two of them through the reference, so the loop is written out (the book's
-# `train_model_dpo_simple`, shortened).
+# The loop is written out here (the book's `train_model_dpo_simple`, shortened): a DPO batch is
+# a pair of batches, and each step runs the policy and the reference on both. The library's
+# `gpt2.finetune.DPOTask` (what `python -m gpt2 finetune dpo` runs) computes the same loss on
+# `train()`, the pretraining loop: it stacks each batch's chosen and rejected sequences into one
+# (2B, T) array, so that each model runs once per batch.
 
 # %%
 BATCH, STEPS = (2, 4) if QUICK else (8, 20)
