@@ -42,6 +42,7 @@ from gpt2.finetune import (
     evaluate_classifier,
     last_token_logits,
     load_spam_splits,
+    set_dropout,
 )
 from gpt2.model import build_uninitialised
 from gpt2.pretrained import load_pretrained
@@ -184,11 +185,7 @@ def starting_model():
         mg.manual_seed(123)
         return GPTModel(GPTConfig(vocab_size=50257, context_length=256, dropout=0.0, qkv_bias=True,
                                   tie_embeddings=True, **small)), False
-    for m in model.modules():   # the book fine-tunes with drop_rate 0.0
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "dropout_p"):
-            m.dropout_p = 0.0
+    set_dropout(model, 0.0)     # the book fine-tunes with drop_rate 0.0
     print(f"Starting from OpenAI's weights: {name}")
     return model, True
 

@@ -34,7 +34,16 @@ from ..resume import restore_training
 from ..tokenizer import Tokenizer, get_tokenizer
 from ..train import History, NonFiniteError, TrainConfig, TrainState, make_optimizer, total_steps
 from ..train import train as run_training
-from .flags import PROG, StrictParser, add_flag, flag_name, require_finite, require_positive, use_backend
+from .flags import (
+    PROG,
+    StrictParser,
+    add_flag,
+    check_optimizer_flags,
+    flag_name,
+    require_finite,
+    require_positive,
+    use_backend,
+)
 from .run_saver import RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
 from .train import graceful_stop, nonfinite_error
 from .train_flags import resumed_args
@@ -263,12 +272,7 @@ def _check(args, resume) -> Path:
         require_positive(flag_name(key), getattr(args, key), allow_none=True)
     for key in ("lr", "weight_decay", "grad_clip", "dropout", "beta", "lora_alpha"):
         require_finite(flag_name(key), getattr(args, key))
-    if not args.lr > 0:
-        raise GPT2Error(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise GPT2Error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.grad_clip is not None and not args.grad_clip > 0:
-        raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
+    check_optimizer_flags(args)
     if not 0.0 <= args.dropout < 1.0:
         raise GPT2Error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.beta is not None and not args.beta > 0:

@@ -34,6 +34,16 @@ def require_finite(name: str, value) -> None:
         raise GPT2Error(f"{name} must be a finite number, got {value}")
 
 
+def check_optimizer_flags(args) -> None:
+    """--lr > 0, --weight-decay >= 0, --grad-clip > 0 or none (train's and finetune's)."""
+    if not args.lr > 0:
+        raise GPT2Error(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        raise GPT2Error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.grad_clip is not None and not args.grad_clip > 0:
+        raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
+
+
 def use_backend(name: str) -> None:
     mg.set_backend(name)   # BackendError (unknown name, CuPy missing, no GPU) -> error line
 

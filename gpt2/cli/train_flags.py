@@ -15,7 +15,15 @@ from pathlib import Path
 from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
 from ..errors import GPT2Error
 from ..train import TrainConfig
-from .flags import PROG, StrictParser, add_flag, flag_name, require_finite, require_positive
+from .flags import (
+    PROG,
+    StrictParser,
+    add_flag,
+    check_optimizer_flags,
+    flag_name,
+    require_finite,
+    require_positive,
+)
 
 DEFAULT_SAMPLE_PROMPT = "Every effort moves you"   # The Verdict's first words, as in the book
 
@@ -147,12 +155,7 @@ def check_args(args, world_size: int) -> GPTConfig:
     require_positive("--max-steps", args.max_steps, allow_none=True)
     for flag in ("lr", "weight_decay", "grad_clip", "min_lr", "beta2"):
         require_finite(flag_name(flag), getattr(args, flag))
-    if not args.lr > 0:
-        raise GPT2Error(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise GPT2Error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.grad_clip is not None and not args.grad_clip > 0:
-        raise GPT2Error(f"--grad-clip must be > 0, got {args.grad_clip}")
+    check_optimizer_flags(args)
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise GPT2Error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.min_lr is not None:
