@@ -19,7 +19,6 @@ import argparse
 import functools
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import minigrad as mg
@@ -46,7 +45,7 @@ from .flags import (
 )
 from .run_saver import RunSaver, check_out_dir, check_resume_out, clear_out_dir, run_dir_of
 from .train import graceful_stop, nonfinite_error
-from .train_flags import resumed_args
+from .train_flags import Resume, resumed_args
 
 # What a resumed run may change; every other setting is the run's own.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "save_every",
@@ -129,15 +128,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="instruct and dpo: tokens per response, greedy, stopped at <|endoftext|> "
                    "(default: 256)")
-
-
-@dataclass
-class _Resume:
-    """The run that --resume continues."""
-    ckpt_dir: Path        # the checkpoint it continues from
-    trainer_state: dict   # that checkpoint's trainer_state.json
-    changes: list[str]    # the settings this command changes, e.g. "--lr 1e-05 (was 5e-05)"
-    ckpt: ck.Checkpoint | None = None   # loaded in step 2
 
 
 def run(args) -> int:
@@ -235,7 +225,7 @@ def _resume_settings(args):
                                  parse=_parse_for(args.task), may_change=RESUME_MAY_CHANGE)
     if "out" not in (getattr(args, "given", None) or ()):
         args.out = str(run_dir_of(ckpt_dir))     # --out not given: the run's own directory
-    return _with_task_defaults(args), _Resume(ckpt_dir, trainer_state, changes)
+    return _with_task_defaults(args), Resume(ckpt_dir, trainer_state, changes)
 
 
 def _with_task_defaults(args):
@@ -424,11 +414,5 @@ def _print_plan(args, model, task, steps, out, resume, state) -> None:
           + f", seed {args.seed}, backend {mg.get_backend()}; checkpoints every {args.save_every} steps in "
           f"{out}/ (newest {args.keep} kept)")
     if resume is not None:
-        loader = task.train_loader
-        print(f"resuming {resume.ckpt_dir} at step {state.step} (epoch {loader.epoch + 1}, batch "
-              f"{loader.batch_index + 1} of {len(loader)})"
-              + (f"; changed: {', '.join(resume.changes)}" if resume.changes else ""))
-        if state.step >= steps:
-            print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps to "
-                  "train further")
+        resume.say_where(task.train_loader, state, steps)
     sys.stdout.flush()

@@ -54,6 +54,7 @@ from .run_saver import (
 )
 from .train_flags import (
     DEFAULT_SAMPLE_PROMPT,
+    Resume,
     check_args,
     config_from_args,
     loop_config_from_args,
@@ -71,14 +72,6 @@ def run(args) -> int:
     if comm.world_size == 1:
         return _train(args, comm, {})
     return ranks.run_on_every_rank(comm, args, lambda setup: _train(args, comm, setup))
-
-
-@dataclass
-class _Resume:
-    """The run that --resume continues."""
-    ckpt_dir: Path        # the checkpoint it continues from
-    trainer_state: dict   # that checkpoint's trainer_state.json
-    changes: list[str]    # the settings this command changes, e.g. "--lr 0.0001 (was 0.0004)"
 
 
 @dataclass
@@ -165,10 +158,10 @@ def _resume_settings(args):
     given = getattr(args, "given", None)
     if not ("out" in given if given is not None else args.out != "runs/train"):
         args.out = str(run_dir_of(ckpt_dir))     # --out not given: the run's own directory
-    return args, _Resume(ckpt_dir, trainer_state, changes)
+    return args, Resume(ckpt_dir, trainer_state, changes)
 
 
-def _check_before_training(args, comm, resume: _Resume | None) -> tuple[GPTConfig, Path]:
+def _check_before_training(args, comm, resume: Resume | None) -> tuple[GPTConfig, Path]:
     """Step 1: every flag, the run directory and the backend, before anything slow happens."""
     config = check_args(args, comm.world_size)
     out = Path(args.out)
@@ -254,7 +247,7 @@ def _new_model(args, comm, config: GPTConfig):
     return model, optimizer, state, history
 
 
-def _resumed_model(args, comm, data: _Data, resume: _Resume):
+def _resumed_model(args, comm, data: _Data, resume: Resume):
     """Step 3 of a resumed run: the model, optimizer, loader position, history and random
     generators exactly as the checkpoint left them."""
     if resume.trainer_state.get("data_sha256") not in (None, data.sha256):
@@ -325,17 +318,12 @@ def _print_plan(args, comm, data: _Data, model, optimizer, steps: int, out: Path
                  f"(unsharded: {2 * 4 * model.num_parameters() / 2**20:,.1f} MiB)" if args.zero else ""))
 
 
-def _print_resuming(resume: _Resume, comm, train_loader, state, steps: int) -> None:
+def _print_resuming(resume: Resume, comm, train_loader, state, steps: int) -> None:
     saved_world_size = resume.trainer_state.get("world_size") or 1
     if saved_world_size != comm.world_size:
         print(f"the run was trained on {saved_world_size} rank(s) and continues on "
               f"{comm.world_size}: the global batch is now {train_loader.batch_size}")
-    print(f"resuming {resume.ckpt_dir} at step {state.step} (epoch {train_loader.epoch + 1}, batch "
-          f"{train_loader.batch_index + 1} of {len(train_loader)})"
-          + (f"; changed: {', '.join(resume.changes)}" if resume.changes else ""))
-    if state.step >= steps:
-        print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps "
-              "to train further")
+    resume.say_where(train_loader, state, steps)
 
 
 @contextlib.contextmanager

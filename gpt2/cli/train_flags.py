@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import COURSE, MODEL_SIZES, GPTConfig, config_for
@@ -182,6 +183,25 @@ def check_args(args, world_size: int) -> GPTConfig:
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "lr", "grad_clip", "eval_every", "eval_iter", "sample_prompt",
                      "save_every", "keep", "keep_best", "skip_nonfinite", "backend", "no_progress", "data",
                      "zero")
+
+
+@dataclass
+class Resume:
+    """The run that --resume continues (train's and finetune's)."""
+    ckpt_dir: Path        # the checkpoint it continues from
+    trainer_state: dict   # that checkpoint's trainer_state.json
+    changes: list[str]    # the settings this command changes, e.g. "--lr 0.0001 (was 0.0004)"
+    ckpt: object = None   # the loaded gpt2.checkpoint.Checkpoint, once a command has read it
+
+    def say_where(self, train_loader, state, steps: int) -> None:
+        """The line a resumed run prints before training: from which checkpoint, where in the data,
+        what this command changed; and a note if the run has nothing left to do."""
+        print(f"resuming {self.ckpt_dir} at step {state.step} (epoch {train_loader.epoch + 1}, batch "
+              f"{train_loader.batch_index + 1} of {len(train_loader)})"
+              + (f"; changed: {', '.join(self.changes)}" if self.changes else ""))
+        if state.step >= steps:
+            print(f"the run has already done its {steps} steps; pass a larger --epochs or --max-steps "
+                  "to train further")
 
 
 def resumed_args(args, ckpt_dir: Path, trainer_state: dict | None, *, command: str = "train",
